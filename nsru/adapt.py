@@ -1,0 +1,261 @@
+"""Put ``NSRULinear`` into a model, take it out again, and save or load the adapters.
+
+``target_modules`` follows PEFT: a list of names, each matching a module whose full name equals
+it or ends with ``"." + name``; a string, matched as a regular expression against the full name
+(``re.fullmatch``); or ``"all-linear"``, every linear module except the output head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nsru.layer import NSRULinear, is_linear
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "nsru-adapter"
+
+TargetModules = str | Sequence[str]
+
+
+def nsru_modules(model: nn.Module) -> dict[str, NSRULinear]:
+    """Every ``NSRULinear`` in ``model`` by its full name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NSRULinear)}
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    skip = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, m in model.named_modules():
+        if isinstance(m, NSRULinear):
+            skip.add(name + ".base_layer")
+        if head is not None and m is head:
+            skip.add(name)
+    return [name for name, m in model.named_modules() if name and is_linear(m) and name not in skip]
+
+
+def _matches(name: str, target_modules: TargetModules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_target_modules(model: nn.Module, target_modules: TargetModules = "all-linear") -> list[str]:
+    """Full names of the linear modules that ``target_modules`` selects; raises if there are none."""
+    candidates = _linear_names(model)
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        names = candidates
+    else:
+        names = [n for n in candidates if _matches(n, target_modules)]
+    if not names:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        example = f" (e.g. {candidates[0]!r})" if candidates else ""
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no linear module of {type(model).__name__}. "
+            f"Its linear modules end in: {', '.join(suffixes) or 'none'}{example}. Pass names like "
+            f"{suffixes[:2] or ['q_proj']}, a regex matched against full names, or 'all-linear'."
+        )
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_nsru(
+    model: nn.Module,
+    target_modules: TargetModules = "all-linear",
+    rank: int | dict[str, int] = 8,
+    alpha: float | dict[str, float] = 16.0,
+) -> dict[str, NSRULinear]:
+    """Replace the selected linear modules of ``model`` by ``NSRULinear``, in place.
+
+    Every parameter of ``model`` is frozen; only the adapters' ``lora_A``/``lora_B`` train.
+    ``rank`` and ``alpha`` may be dicts from module name to value (per-module rank selection).
+    Returns the new layers by name.
+    """
+    existing = nsru_modules(model)
+    if existing:
+        raise ValueError(
+            f"{type(model).__name__} already has {len(existing)} NSRU adapters (e.g. {next(iter(existing))!r}); "
+            "call merge_and_unload() first or load_adapter() to replace their weights"
+        )
+    names = find_target_modules(model, target_modules)
+    model.requires_grad_(False)
+    adapted = {}
+    for name in names:
+        r = rank[name] if isinstance(rank, dict) else rank
+        a = alpha[name] if isinstance(alpha, dict) else alpha
+        layer = NSRULinear(model.get_submodule(name), rank=r, alpha=a, name=name)
+        _set_submodule(model, name, layer)
+        adapted[name] = layer
+    return adapted
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every ``NSRULinear`` acts as its base layer: the reference policy, no weight copy."""
+    layers = list(nsru_modules(model).values())
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for layer in nsru_modules(model).values():
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for layer in nsru_modules(model).values():
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain base layers back; returns ``model``."""
+    for name, layer in nsru_modules(model).items():
+        layer.merge()
+        _set_submodule(model, name, layer.base_layer)
+    return model
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``adapter.safetensors`` (lora_A, lora_B, retain_basis per module) and ``adapter_config.json``."""
+    layers = nsru_modules(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no NSRU adapters to save; call apply_nsru() first")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, modules = {}, {}
+    for name, layer in layers.items():
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
+        tensors[f"{name}.retain_basis"] = layer.retain_basis.detach().cpu().contiguous()
+        modules[name] = {
+            "rank": layer.rank,
+            "alpha": layer.alpha,
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "basis_rank": layer.basis_rank,
+        }
+    config = {"format": ADAPTER_FORMAT, "version": 1, "base_model_class": type(model).__name__, "modules": modules}
+    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def _atomic_write(target: Path, write) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def _read_config(path: Path) -> dict:
+    file = path / ADAPTER_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"no adapter config at {file}; expected a folder written by nsru.save_adapter")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    if config.get("format") != ADAPTER_FORMAT or not isinstance(config.get("modules"), dict):
+        raise ValueError(f"{file}: not an NSRU adapter config (expected format {ADAPTER_FORMAT!r} and a 'modules' map)")
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULinear]:
+    """Load an adapter written by :func:`save_adapter` into ``model``.
+
+    Adapters are added first where the model has none (from the config's module list, ranks and
+    alphas). Every tensor's shape is checked against its module before anything is copied, so a
+    mismatched file leaves the model as it was.
+    """
+    folder = Path(path)
+    config = _read_config(folder)
+    weights_file = folder / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(str(weights_file))
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_file}: cannot read adapter weights ({err})") from None
+    entries = config["modules"]
+    layers = nsru_modules(model)
+    if not layers:
+        present = {n for n, _ in model.named_modules()}
+        missing = [n for n in entries if n not in present]
+        if missing:
+            raise ValueError(f"{folder}: the model {type(model).__name__} has no module named {missing[0]!r} "
+                             f"({len(missing)} of {len(entries)} adapter modules missing)")
+        for name in entries:
+            module = model.get_submodule(name)
+            if not is_linear(module):
+                raise ValueError(f"{folder}: module {name!r} of the model is {type(module).__name__}, not a linear layer")
+        _check_shapes(folder, entries, tensors, {n: _shape_of(model.get_submodule(n)) for n in entries})
+        layers = apply_nsru(
+            model,
+            target_modules=list(entries),
+            rank={n: int(e["rank"]) for n, e in entries.items()},
+            alpha={n: float(e["alpha"]) for n, e in entries.items()},
+        )
+        layers = {n: layers[n] for n in entries}
+    else:
+        missing = [n for n in entries if n not in layers]
+        if missing:
+            raise ValueError(f"{folder}: adapter module {missing[0]!r} has no NSRULinear in the model "
+                             f"(the model's adapters: {', '.join(list(layers)[:5])}...)")
+        shapes = {n: (layers[n].in_features, layers[n].out_features, layers[n].rank) for n in entries}
+        _check_shapes(folder, entries, tensors, shapes)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if name not in entries:
+                continue
+            if layer.merged:
+                raise RuntimeError(f"module {name!r} is merged; unmerge() before loading an adapter into it")
+            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+            layer.retain_basis = tensors[f"{name}.retain_basis"].to(layer.lora_A.device, torch.float32)
+    return layers
+
+
+def _shape_of(module: nn.Module) -> tuple[int, int, None]:
+    w = module.weight
+    out_f, in_f = w.shape if isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])
+    return int(in_f), int(out_f), None
+
+
+def _check_shapes(folder: Path, entries: dict, tensors: dict, shapes: dict) -> None:
+    for name, entry in entries.items():
+        in_f, out_f, rank = shapes[name]
+        r = int(entry["rank"]) if rank is None else rank
+        expected = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+        for part, shape in expected.items():
+            key = f"{name}.{part}"
+            if key not in tensors:
+                raise ValueError(f"{folder / ADAPTER_WEIGHTS}: missing tensor {key!r}")
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(
+                    f"{folder / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensors[key].shape)} but module {name!r} "
+                    f"({in_f} -> {out_f}, rank {r}) needs {shape}"
+                )
+        basis = tensors.get(f"{name}.retain_basis")
+        if basis is None or basis.dim() != 2 or basis.shape[0] != in_f or basis.shape[1] > in_f:
+            got = "missing" if basis is None else tuple(basis.shape)
+            raise ValueError(
+                f"{folder / ADAPTER_WEIGHTS}: {name}.retain_basis is {got}; module {name!r} needs ({in_f}, k), k <= {in_f}"
+            )

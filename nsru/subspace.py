@@ -1,0 +1,263 @@
+"""Retain subspaces: input statistics of the adapted modules, their eigenbases, and leakage.
+
+For each adapted module the retain statistic is the uncentered second moment of its inputs over
+every non-pad token of benign data, ``C = (1/N) Σ h hᵀ``. Modules that read the same tensor (q, k
+and v; gate and up) share one statistic. The retain basis holds the top eigenvectors of ``C``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nsru import ops
+from nsru.adapt import adapter_disabled, nsru_modules
+from nsru.layer import NSRULinear
+
+DEFAULT_ENERGY = 0.9
+"""Default energy fraction τ of the retain subspace (see DESIGN §1.4 and benchmarks/sweep_defaults.py)."""
+
+_FLUSH_BYTES = 256 * 2**20
+
+
+@dataclass
+class SecondMoments:
+    """Accumulated retain statistics.
+
+    ``sums[key]`` is ``Σ h hᵀ`` (upper triangle valid) and ``tokens[key]`` the token count of one
+    group of modules that read the same tensor; ``groups`` maps every module name to its group key.
+    Sums and counts are plain tensors, so ``all_reduce`` (or adding another run's statistics)
+    combines data from several processes or sessions.
+    """
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The normalised symmetric statistic ``C`` of module ``name``."""
+        key = self.groups[name]
+        n = float(self.tokens[key])
+        return ops.symmetrize(self.sums[key]) / max(n, 1.0)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def names(self) -> list[str]:
+        return list(self.groups)
+
+    def all_reduce(self, group=None) -> SecondMoments:
+        """Sum the statistics over the processes of ``torch.distributed`` (no-op when not initialised)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for key in self.sums:
+                torch.distributed.all_reduce(self.sums[key], group=group)
+                torch.distributed.all_reduce(self.tokens[key], group=group)
+        return self
+
+    def add_(self, other: SecondMoments) -> SecondMoments:
+        """Add another collection's statistics (the same modules) into this one, e.g. new retain data."""
+        if other.groups != self.groups:
+            raise ValueError("cannot add second moments of different modules or groupings")
+        for key in self.sums:
+            self.sums[key] += other.sums[key].to(self.sums[key])
+            self.tokens[key] += other.tokens[key].to(self.tokens[key])
+        return self
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None or mask.numel() * x.shape[-1] != x.numel():
+        return None
+    return mask.reshape(-1)
+
+
+def collect_second_moments(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    modules: Mapping[str, nn.Module] | None = None,
+    dtype: torch.dtype = torch.float32,
+    into: SecondMoments | None = None,
+    progress: bool = True,
+) -> SecondMoments:
+    """Accumulate the input second moment of every adapted module over ``batches``.
+
+    ``batches`` yields dicts for ``model(**batch)``; tokens where ``attention_mask`` is 0 are left
+    out. Runs the model without gradients and with its adapters disabled, so the statistics
+    describe the original model. Pass ``into`` to add to statistics collected earlier.
+    """
+    modules = dict(modules) if modules is not None else nsru_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no NSRU adapters; call nsru.apply_nsru() first")
+    stats = into if into is not None else SecondMoments()
+    device = _model_device(model)
+    state = {"mask": None, "seen": [], "pending": [], "bytes": 0, "done": set()}
+    first_batch = not stats.groups
+
+    def flush() -> None:
+        if state["pending"]:
+            moments, inputs, masks = zip(*state["pending"])
+            ops.second_moment_(list(moments), list(inputs), list(masks))
+            state["pending"].clear()
+            state["bytes"] = 0
+
+    def hook(name: str):
+        def pre_hook(module, args):
+            x = args[0].detach()
+            if first_batch_now[0] and name not in stats.groups:
+                key = next((k for k, t in state["seen"] if t is args[0]), None)
+                if key is None:
+                    key = name
+                    state["seen"].append((name, args[0]))
+                stats.groups[name] = key
+            key = stats.groups[name]
+            if key in state["done"]:
+                return
+            state["done"].add(key)
+            if key not in stats.sums:
+                stats.sums[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=dtype, device=x.device)
+                stats.tokens[key] = torch.zeros((), dtype=torch.float64, device=x.device)
+            mask = _row_mask(x, state["mask"])
+            stats.tokens[key] += mask.sum() if mask is not None else x.numel() // x.shape[-1]
+            state["pending"].append((stats.sums[key], x, mask))
+            state["bytes"] += x.numel() * x.element_size()
+            if state["bytes"] >= _FLUSH_BYTES:
+                flush()
+
+        return pre_hook
+
+    first_batch_now = [first_batch]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), adapter_disabled(model):
+            for batch in tqdm(batches, desc="retain statistics", disable=not progress, leave=False):
+                batch = _to_device(batch, device)
+                state["mask"] = batch.get("attention_mask")
+                state["done"].clear()
+                model(**batch)
+                flush()
+                state["seen"].clear()
+                first_batch_now[0] = False
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in modules if n not in stats.groups]
+    if missing:
+        raise ValueError(
+            f"no retain statistics for {len(missing)} adapted modules (e.g. {missing[0]!r}): "
+            "they never ran during the forward passes, or no batch was given"
+        )
+    return stats
+
+
+def retain_subspaces(
+    moments: SecondMoments,
+    *,
+    energy: float | None = None,
+    rank: int | None = None,
+    threshold: float | None = None,
+) -> dict[str, ops.Subspace]:
+    """The retain subspace of every module (one eigendecomposition per group of modules).
+
+    Choose the rank by ``energy`` (fraction τ of the trace, default ``DEFAULT_ENERGY``), a fixed
+    ``rank`` or an absolute eigenvalue ``threshold`` on the normalised statistic.
+    """
+    if energy is None and rank is None and threshold is None:
+        energy = DEFAULT_ENERGY
+    keys = list(moments.sums)
+    normalised = [moments.sums[k] / max(float(moments.tokens[k]), 1.0) for k in keys]
+    found = ops.subspace_update(normalised, energy=energy, rank=rank, threshold=threshold)
+    by_key = dict(zip(keys, found))
+    return {name: by_key[key] for name, key in moments.groups.items()}
+
+
+def retain_bases(
+    moments: SecondMoments,
+    *,
+    energy: float | None = None,
+    rank: int | None = None,
+    threshold: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{module name: U}`` with ``U`` of shape ``(in, k)``; see :func:`retain_subspaces`."""
+    subspaces = retain_subspaces(moments, energy=energy, rank=rank, threshold=threshold)
+    return {name: s.basis for name, s in subspaces.items()}
+
+
+def set_retain_bases(model: nn.Module, bases: Mapping[str, torch.Tensor]) -> None:
+    """Give each named adapter its retain basis (and project its ``lora_A`` off it)."""
+    layers = nsru_modules(model)
+    unknown = [n for n in bases if n not in layers]
+    if unknown:
+        raise KeyError(f"no NSRU adapter named {unknown[0]!r} in {type(model).__name__} ({len(unknown)} unknown names)")
+    for name, basis in bases.items():
+        layers[name].set_retain_basis(basis)
+
+
+def leakage(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Per module, the mean over non-pad tokens of ``‖P⊥h‖² / ‖h‖²`` for its inputs ``h``.
+
+    It bounds how far the adapter can move the module's outputs on this data (``‖ΔW h‖ ≤ ‖ΔW‖‖P⊥h‖``):
+    0 means the data lies in the retain subspace.
+    """
+    layers: dict[str, NSRULinear] = nsru_modules(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no NSRU adapters; call nsru.apply_nsru() first")
+    totals = {n: 0.0 for n in layers}
+    counts = {n: 0 for n in layers}
+    current = {"mask": None}
+
+    def hook(name: str, layer: NSRULinear):
+        def pre_hook(module, args):
+            h = args[0].detach().reshape(-1, layer.in_features).float()
+            mask = _row_mask(args[0], current["mask"])
+            if mask is not None:
+                h = h[mask.to(torch.bool)]
+            if h.shape[0] == 0:
+                return
+            u = layer.retain_basis
+            outside = h - (h @ u) @ u.T if u.shape[1] else h
+            ratio = outside.pow(2).sum(-1) / h.pow(2).sum(-1).clamp_min(1e-30)
+            totals[name] += float(ratio.sum())
+            counts[name] += h.shape[0]
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), adapter_disabled(model):
+            for batch in tqdm(batches, desc="leakage", disable=not progress, leave=False):
+                batch = _to_device(batch, device)
+                current["mask"] = batch.get("attention_mask")
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: totals[n] / counts[n] if counts[n] else float("nan") for n in layers}
