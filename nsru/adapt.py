@@ -147,7 +147,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, layer in layers.items():
         tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
-        tensors[f"{name}.retain_basis"] = layer.retain_basis.detach().cpu().contiguous()
+        tensors[f"{name}.retain_basis"] = layer.retain_basis.detach().cpu().clone()  # q/k/v share one basis in memory
         modules[name] = {
             "rank": layer.rank,
             "alpha": layer.alpha,

@@ -8,7 +8,7 @@ every call so that tests and users can switch it at run time.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -24,23 +24,23 @@ def requested_backend() -> str:
     return name
 
 
-@functools.cache
+# Looked up once at import (plain module constants also keep torch.compile's tracing simple).
+_TRITON = importlib.util.find_spec("triton") is not None
+try:
+    from nsru import _C  # noqa: F401  (registers the torch.ops.nsru operators)
+
+    _EXTENSION = True
+except ImportError:
+    _EXTENSION = False
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON
 
 
-@functools.cache
 def extension_available() -> bool:
-    """Whether ``nsru._C`` was built and loads (it registers the ``torch.ops.nsru`` operators)."""
-    try:
-        from nsru import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ``nsru._C`` was built and loads."""
+    return _EXTENSION
 
 
 def extension_has_device(device: torch.device) -> bool:

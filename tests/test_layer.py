@@ -1,0 +1,180 @@
+"""NSRULinear on its own: init, null-space guarantee, gradients, merge, dtypes, errors."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import nsru
+from nsru.layer import NSRULinear
+
+
+def _basis(width: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(width, max(k, 1), generator=g, dtype=torch.float64))[0][:, :k].float()
+
+
+def _randomise(layer: NSRULinear, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+
+
+def test_starts_equal_to_base():
+    linear = nn.Linear(24, 40)
+    layer = NSRULinear.from_linear(copy.deepcopy(linear), rank=4, alpha=8)
+    x = torch.randn(3, 5, 24)
+    torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert not layer.base_layer.weight.requires_grad and layer.lora_A.requires_grad
+
+
+@pytest.mark.parametrize("k", [0, 1, 10, 24])
+def test_inputs_in_retain_span_are_untouched(k):
+    linear = nn.Linear(24, 40)
+    layer = NSRULinear.from_linear(copy.deepcopy(linear), rank=8, alpha=16)
+    u = _basis(24, k)
+    layer.set_retain_basis(u)
+    _randomise(layer)
+    inside = torch.randn(50, max(k, 1))[:, :k] @ u.T if k else torch.zeros(50, 24)
+    base = linear(inside)
+    assert (layer(inside) - base).norm() <= 1e-5 * base.norm()
+    if k < 24:
+        outside = torch.randn(50, 24)
+        assert (layer(outside) - linear(outside)).abs().max() > 1e-2
+
+
+def test_lora_A_gradient_has_no_component_in_span():
+    layer = NSRULinear.from_linear(nn.Linear(16, 12), rank=3, alpha=3)
+    u = _basis(16, 6)
+    layer.set_retain_basis(u)
+    _randomise(layer)
+    layer(torch.randn(7, 16)).pow(2).sum().backward()
+    assert layer.lora_A.grad.norm() > 1e-3
+    assert (layer.lora_A.grad @ u).norm() <= 1e-6 * layer.lora_A.grad.norm()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.norm() > 0
+
+
+def test_matches_explicit_formula_and_autograd():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 12)
+    layer = NSRULinear.from_linear(copy.deepcopy(linear), rank=4, alpha=6)
+    u = _basis(16, 5)
+    layer.set_retain_basis(u)
+    _randomise(layer)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y = layer(x)
+    a = layer.lora_A.detach().clone().requires_grad_()
+    b = layer.lora_B.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    a_tilde = a - (a @ u) @ u.T
+    y2 = linear(x2) + 1.5 * (x2 @ a_tilde.T) @ b.T
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_unmerge_round_trip(dtype):
+    linear = nn.Linear(32, 20).to(dtype)
+    original = linear.weight.detach().clone()
+    layer = NSRULinear.from_linear(linear, rank=4, alpha=8)
+    layer.set_retain_basis(_basis(32, 8))
+    _randomise(layer)
+    x = torch.randn(6, 32).to(dtype)
+    before = layer(x)
+    layer.merge()
+    layer.merge()  # a second merge is a no-op
+    tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    torch.testing.assert_close(layer(x), before, rtol=tol, atol=tol * 10)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, original, rtol=tol, atol=tol)
+    torch.testing.assert_close(layer(x), before, rtol=tol, atol=tol * 10)
+
+
+def test_disabled_while_merged_gives_base_output():
+    linear = nn.Linear(16, 8)
+    reference = copy.deepcopy(linear)
+    layer = NSRULinear.from_linear(linear, rank=2, alpha=2)
+    _randomise(layer)
+    x = torch.randn(4, 16)
+    layer.merge()
+    layer.disabled = True
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_base_with_fp32_adapter(dtype):
+    linear = nn.Linear(32, 24).to(dtype)
+    layer = NSRULinear.from_linear(linear, rank=4, alpha=8)
+    _randomise(layer)
+    x = torch.randn(3, 32, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype
+    assert layer.lora_A.grad.dtype == torch.float32
+    reference = linear(x.detach()).float() + layer.delta_weight().detach().matmul(x.detach().float().T).T
+    torch.testing.assert_close(y.detach().float(), reference, rtol=2e-2, atol=5e-2)
+
+
+def test_conv1d_is_wrapped_with_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(nf=12, nx=20)
+    nn.init.normal_(conv.weight)
+    layer = NSRULinear.from_linear(copy.deepcopy(conv), rank=3, alpha=3)
+    assert (layer.in_features, layer.out_features) == (20, 12)
+    x = torch.randn(2, 5, 20)
+    torch.testing.assert_close(layer(x), conv(x))
+    _randomise(layer)
+    expected = conv(x) + x @ layer.delta_weight().detach().T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_with_other_basis_rank():
+    src = NSRULinear.from_linear(nn.Linear(16, 8), rank=2, alpha=4)
+    src.set_retain_basis(_basis(16, 5))
+    _randomise(src)
+    dst = NSRULinear.from_linear(copy.deepcopy(src.base_layer), rank=2, alpha=4)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(dst(x), src(x))
+    assert dst.basis_rank == 5
+
+
+def test_to_moves_adapter_and_basis():
+    layer = NSRULinear.from_linear(nn.Linear(8, 8), rank=2)
+    layer.set_retain_basis(_basis(8, 3))
+    layer = layer.to(torch.float64)
+    assert layer.retain_basis.dtype == torch.float64  # buffers follow .to like any module's
+
+
+def test_rank_too_large_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"rank 9 is larger.*8 -> 20.*at most 8"):
+        NSRULinear.from_linear(nn.Linear(8, 20), rank=9)
+
+
+def test_bad_bases_are_clear_errors():
+    layer = NSRULinear.from_linear(nn.Linear(8, 4), rank=2, name="mlp.up")
+    with pytest.raises(ValueError, match=r"'mlp.up'.*shape \(7, 2\).*expected \(8, k\)"):
+        layer.set_retain_basis(torch.zeros(7, 2))
+    with pytest.raises(ValueError, match="not orthonormal"):
+        layer.set_retain_basis(torch.ones(8, 2))
+
+
+def test_wrapping_something_else_fails():
+    with pytest.raises(TypeError, match="Conv1D"):
+        NSRULinear(nn.Conv2d(3, 3, 1), rank=1)
+
+
+def test_public_names():
+    assert nsru.NSRULinear is NSRULinear
