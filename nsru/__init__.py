@@ -43,3 +43,28 @@ __all__ = [
     "set_retain_bases",
     "unmerge_adapters",
 ]
+
+# Issue 5: data, safe targets, objectives, methods, trainer and the one-call API.
+from nsru.config import UnlearnConfig  # noqa: E402
+from nsru.data import QACollator, encode_qa, format_prompt, load_qa, load_text  # noqa: E402
+from nsru.methods import METHODS, get_method, register_method  # noqa: E402
+from nsru.safe_targets import SafeTargets, is_safe_response  # noqa: E402
+from nsru.train import Trainer  # noqa: E402
+from nsru.unlearn import UnlearnResult, unlearn  # noqa: E402
+
+__all__ += [
+    "METHODS",
+    "QACollator",
+    "SafeTargets",
+    "Trainer",
+    "UnlearnConfig",
+    "UnlearnResult",
+    "encode_qa",
+    "format_prompt",
+    "get_method",
+    "is_safe_response",
+    "load_qa",
+    "load_text",
+    "register_method",
+    "unlearn",
+]

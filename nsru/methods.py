@@ -1,0 +1,304 @@
+"""Unlearning methods, each one its loss, chosen by name from a registry.
+
+A method's loss takes a :class:`LossContext` (the model, the config and the reference policy) and
+one step's batch (``{"forget": ..., "safe": ..., "retain": ...}``, each a padded encoding) and
+returns its weighted terms: ``{"loss": total, "safe": ..., "forget": ..., "retain": ...}``
+(terms that are off are left out). ``"forget"`` is the method's forget-side term — ``L_sup`` for
+NSRU. Names: ``nsru``, ``ga``, ``graddiff``, ``npo``, ``simnpo``, ``idkdpo``, ``rmu``; NSRU's
+ablations as ``nsru-no-safe``, ``nsru-no-suppress``, ``nsru-no-retain``, ``nsru-no-project``
+(or the switches of the same names in the config). New methods: :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nsru import objectives as obj
+
+ABLATIONS = ("safe", "suppress", "retain", "project")
+
+
+class LossContext:
+    """What a loss needs beside the batch.
+
+    ``reference`` gives the reference policy π_ref: the same model with its adapters disabled,
+    or, for full fine-tuning, a frozen copy made by the caller. ``state`` holds per-run values a
+    method computes once (e.g. RMU's control vector).
+    """
+
+    def __init__(self, model: nn.Module, config, ref_model: nn.Module | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.ref_model = ref_model
+        self.state: dict = {}
+
+    def forward(self, batch: Mapping[str, torch.Tensor], **kwargs):
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+
+    @contextmanager
+    def _reference(self):
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        from nsru.adapt import adapter_disabled
+
+        with adapter_disabled(self.model):
+            yield self.model
+
+    @torch.no_grad()
+    def ref_forward(self, batch: Mapping[str, torch.Tensor], **kwargs):
+        with self._reference() as ref:
+            return ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+
+
+LossFn = Callable[[LossContext, dict], dict]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    loss: LossFn
+    project: bool = False  # default of config.project: whether updates are confined to the null space
+    needs_safe: bool = False  # builds safe targets for the forget queries
+    needs_retain: bool = True
+    needs_reference: bool = False
+    description: str = ""
+    setup: Callable | None = None  # setup(ctx, batches) once before training (e.g. RMU's control)
+    default_targets: Callable | None = None  # default_targets(model, config) -> target_modules
+    overrides: dict = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, **kwargs) -> Callable[[LossFn], LossFn]:
+    """Decorator: ``@register_method("mine", project=False)`` on ``def loss(ctx, batch) -> dict``."""
+
+    def wrap(fn: LossFn) -> LossFn:
+        METHODS[name] = Method(name=name, loss=fn, **kwargs)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    """The registered method, with ``"<name>-no-<switch>"`` ablations resolved into overrides."""
+    if name in METHODS:
+        return METHODS[name]
+    match = re.fullmatch(r"(.+?)((?:-no-(?:" + "|".join(ABLATIONS) + r"))+)", name)
+    if match and match.group(1) in METHODS:
+        base = METHODS[match.group(1)]
+        off = {s: False for s in re.findall(r"-no-(\w+)", match.group(2))}
+        return Method(**{**base.__dict__, "name": name, "overrides": {**base.overrides, **off}})
+    known = ", ".join(sorted(METHODS)) + "; ablations as nsru-no-safe, nsru-no-suppress, nsru-no-retain, nsru-no-project"
+    raise ValueError(f"unknown unlearning method {name!r}; known: {known}")
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _weighted(terms: dict, weights: dict) -> dict:
+    total = None
+    for key, value in terms.items():
+        part = weights[key] * value
+        total = part if total is None else total + part
+    out = {k: v.detach() for k, v in terms.items()}
+    out["loss"] = total
+    return out
+
+
+def _seq_logp(outputs, batch):
+    return obj.sequence_logprob(outputs.logits, batch["labels"])
+
+
+def _retain_term(ctx: LossContext, batch: dict):
+    cfg = ctx.config
+    if "retain" not in batch or not cfg.retain:
+        return None
+    out = ctx.forward(batch["retain"])
+    if cfg.retain_loss == "nll":
+        return obj.nll_loss(out.logits, batch["retain"]["labels"])
+    if cfg.retain_loss == "kl":
+        ref = ctx.ref_forward(batch["retain"])
+        return obj.kl_loss(out.logits, ref.logits, batch["retain"]["labels"])
+    raise ValueError(f"retain_loss must be 'nll' or 'kl', got {cfg.retain_loss!r}")
+
+
+def _forget_weight(cfg) -> float:
+    return cfg.suppress_weight
+
+
+# --------------------------------------------------------------------------------------------
+# NSRU
+
+
+@register_method("nsru", project=True, needs_safe=True, needs_reference=True,
+                 description="safe-target CE + suppression (NPO) + retention, null-space projected LoRA")
+def nsru_loss(ctx: LossContext, batch: dict) -> dict:
+    cfg = ctx.config
+    terms = {}
+    if cfg.safe and "safe" in batch:
+        out = ctx.forward(batch["safe"])
+        terms["safe"] = obj.nll_loss(out.logits, batch["safe"]["labels"])
+    if cfg.suppress:
+        forget = batch["forget"]
+        if cfg.suppress_loss == "npo":
+            logp, _ = _seq_logp(ctx.forward(forget), forget)
+            ref_logp, _ = _seq_logp(ctx.ref_forward(forget), forget)
+            terms["forget"] = obj.npo_loss(logp, ref_logp, cfg.beta)
+        elif cfg.suppress_loss == "unlikelihood":
+            terms["forget"] = obj.unlikelihood_loss(ctx.forward(forget).logits, forget["labels"])
+        elif cfg.suppress_loss == "dpo":
+            if "safe" not in batch:
+                raise ValueError("suppress_loss='dpo' needs question-answer forget data (chosen = safe target)")
+            chosen, rejected = batch["safe"], forget
+            c, _ = _seq_logp(ctx.forward(chosen), chosen)
+            r, _ = _seq_logp(ctx.forward(rejected), rejected)
+            c_ref, _ = _seq_logp(ctx.ref_forward(chosen), chosen)
+            r_ref, _ = _seq_logp(ctx.ref_forward(rejected), rejected)
+            terms["forget"] = obj.dpo_loss(c, r, c_ref, r_ref, cfg.beta)
+        else:
+            raise ValueError(f"suppress_loss must be 'npo', 'unlikelihood' or 'dpo', got {cfg.suppress_loss!r}")
+    ret = _retain_term(ctx, batch)
+    if ret is not None:
+        terms["retain"] = ret
+    if not terms:
+        raise ValueError("every NSRU loss term is switched off (safe, suppress and retain); nothing to train")
+    return _weighted(terms, {"safe": cfg.safe_weight, "forget": cfg.suppress_weight, "retain": cfg.retain_weight})
+
+
+# --------------------------------------------------------------------------------------------
+# baselines (open-unlearning's definitions: loss = γ·forget + α·retain)
+
+
+def _with_retain(ctx, batch, forget_term, forget_weight=None) -> dict:
+    cfg = ctx.config
+    terms = {"forget": forget_term}
+    ret = _retain_term(ctx, batch)
+    if ret is not None:
+        terms["retain"] = ret
+    w = _forget_weight(cfg) if forget_weight is None else forget_weight
+    return _weighted(terms, {"forget": w, "retain": cfg.retain_weight})
+
+
+@register_method("ga", needs_retain=False, description="gradient ascent on the forget answers")
+def ga_loss(ctx: LossContext, batch: dict) -> dict:
+    forget = batch["forget"]
+    term = obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"])
+    return _weighted({"forget": term}, {"forget": _forget_weight(ctx.config)})
+
+
+@register_method("graddiff", description="gradient ascent on forget + NLL on retain")
+def graddiff_loss(ctx: LossContext, batch: dict) -> dict:
+    forget = batch["forget"]
+    return _with_retain(ctx, batch, obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"]))
+
+
+@register_method("npo", needs_reference=True, description="NPO (β = 0.1) on forget + NLL on retain")
+def npo_method_loss(ctx: LossContext, batch: dict) -> dict:
+    forget = batch["forget"]
+    logp, _ = _seq_logp(ctx.forward(forget), forget)
+    ref_logp, _ = _seq_logp(ctx.ref_forward(forget), forget)
+    return _with_retain(ctx, batch, obj.npo_loss(logp, ref_logp, ctx.config.beta))
+
+
+@register_method("simnpo", description="SimNPO (β 4.5, δ 0, γ 0.125) on forget + NLL on retain")
+def simnpo_method_loss(ctx: LossContext, batch: dict) -> dict:
+    cfg = ctx.config
+    forget = batch["forget"]
+    logp, n = _seq_logp(ctx.forward(forget), forget)
+    term = obj.simnpo_loss(logp, n, cfg.simnpo_beta, cfg.simnpo_delta)
+    return _with_retain(ctx, batch, term, forget_weight=cfg.simnpo_gamma * cfg.suppress_weight)
+
+
+@register_method("idkdpo", needs_safe=True, needs_reference=True,
+                 description="DPO (β 0.1) preferring an 'I don't know' answer over the original + NLL on retain")
+def idkdpo_loss(ctx: LossContext, batch: dict) -> dict:
+    if "safe" not in batch:
+        raise ValueError("idkdpo needs question-answer forget data (the 'I don't know' answer is the chosen one)")
+    chosen, rejected = batch["safe"], batch["forget"]
+    c, _ = _seq_logp(ctx.forward(chosen), chosen)
+    r, _ = _seq_logp(ctx.forward(rejected), rejected)
+    c_ref, _ = _seq_logp(ctx.ref_forward(chosen), chosen)
+    r_ref, _ = _seq_logp(ctx.ref_forward(rejected), rejected)
+    return _with_retain(ctx, batch, obj.dpo_loss(c, r, c_ref, r_ref, ctx.config.beta))
+
+
+# RMU (Li et al., 2024, "The WMDP Benchmark"): push the hidden state at one layer on forget tokens
+# towards a fixed random direction scaled by a steering coefficient, keep it at the reference on
+# retain tokens; only the MLPs of that layer and the two below it are updated.
+
+
+def num_layers(model: nn.Module) -> int:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if n is None:
+        raise ValueError(f"{type(model).__name__} has no config.num_hidden_layers; set rmu_layer and target_modules")
+    return int(n)
+
+
+def rmu_layer(model: nn.Module, cfg) -> int:
+    n = num_layers(model)
+    layer = cfg.rmu_layer if cfg.rmu_layer is not None else max(0, round(n * 7 / 32))  # WMDP: 7 of 32
+    if not 0 <= layer < n:
+        raise ValueError(f"rmu_layer={layer} is out of range for a model with {n} layers")
+    return layer
+
+
+def rmu_targets(model: nn.Module, cfg) -> str:
+    layer = rmu_layer(model, cfg)
+    layers = "|".join(str(i) for i in range(max(0, layer - 2), layer + 1))
+    return rf".*layers\.({layers})\.mlp\..*"
+
+
+def _hidden(outputs, layer: int) -> torch.Tensor:
+    return outputs.hidden_states[layer + 1]
+
+
+def rmu_setup(ctx: LossContext, forget_batches) -> None:
+    cfg = ctx.config
+    layer = rmu_layer(ctx.model, cfg)
+    hidden_size = ctx.model.config.hidden_size
+    gen = torch.Generator().manual_seed(int(cfg.seed) + 7919)
+    u = torch.rand(hidden_size, generator=gen)
+    u = u / u.norm()
+    coeff = cfg.rmu_steering
+    if coeff is None:
+        # Hidden-state norms differ by orders of magnitude between models, so by default the
+        # steering coefficient is relative: rmu_steering_scale × the mean norm of the layer's
+        # hidden states on the forget data before training.
+        norms, count = 0.0, 0
+        with torch.no_grad():
+            for b in forget_batches:
+                h = _hidden(ctx.ref_forward(b, output_hidden_states=True), layer).float()
+                m = b["attention_mask"].bool()
+                norms += float(h.norm(dim=-1)[m].sum())
+                count += int(m.sum())
+        coeff = cfg.rmu_steering_scale * norms / max(count, 1)
+    ctx.state["rmu_layer"] = layer
+    ctx.state["rmu_control"] = coeff * u
+    ctx.state["rmu_coeff"] = float(coeff)
+
+
+@register_method("rmu", needs_reference=True, setup=rmu_setup, default_targets=rmu_targets,
+                 description="RMU: forget activations steered to a random direction, retain activations kept")
+def rmu_loss(ctx: LossContext, batch: dict) -> dict:
+    cfg = ctx.config
+    layer = ctx.state["rmu_layer"]
+    control = ctx.state["rmu_control"]
+    forget = batch["forget"]
+    h = _hidden(ctx.forward(forget, output_hidden_states=True), layer)
+    terms = {"forget": obj.rmu_forget_loss(h, control.to(h.device), forget["attention_mask"])}
+    if cfg.retain and "retain" in batch:
+        retain = batch["retain"]
+        h_r = _hidden(ctx.forward(retain, output_hidden_states=True), layer)
+        h_ref = _hidden(ctx.ref_forward(retain, output_hidden_states=True), layer)
+        terms["retain"] = obj.rmu_retain_loss(h_r, h_ref, retain["attention_mask"])
+    return _weighted(terms, {"forget": _forget_weight(cfg), "retain": cfg.retain_weight})
+

@@ -1,0 +1,254 @@
+"""``nsru.unlearn``: one call from a model, a tokenizer and forget/retain data to an unlearned model.
+
+    result = nsru.unlearn(model, tokenizer, forget="forget10.json", retain="retain90.json")
+    result.model        # the same model object, adapted in place (adapters unmerged)
+    result.history      # per-step loss terms
+    result.bases_info   # per module: k (retain-subspace rank) and leakage on the retain data
+
+Steps: load and tokenise the data; add adapters; collect the retain statistics (all-reduced
+across processes) and set the retain bases; initialise the adapters; train the method's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nsru.config import UnlearnConfig
+from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
+from nsru.methods import LossContext, Method, get_method
+from nsru.safe_targets import SafeTargets
+from nsru.train import Stream, Trainer, dist_info, init_distributed_from_env
+
+
+@dataclass
+class UnlearnResult:
+    model: nn.Module
+    history: list[dict]
+    bases_info: dict[str, dict]
+    config: UnlearnConfig
+    init_info: dict[str, dict] = field(default_factory=dict)
+    method_state: dict = field(default_factory=dict)
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        """Mean k, mean leakage and the last step's losses, for printing."""
+        ks = [v["k"] for v in self.bases_info.values()]
+        leaks = [v["leakage"] for v in self.bases_info.values() if v.get("leakage") is not None]
+        return {
+            "method": self.config.method,
+            "modules": len(self.bases_info),
+            "mean_k": sum(ks) / len(ks) if ks else 0,
+            "mean_leakage": sum(leaks) / len(leaks) if leaks else None,
+            "last": self.history[-1] if self.history else {},
+            "seconds": self.seconds,
+        }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def resolve_config(method: str | None, config: UnlearnConfig | Mapping | None, options: Mapping) -> tuple[UnlearnConfig, Method]:
+    """Merge ``config`` and ``options``; apply the method's ablation switches and defaults."""
+    if config is None:
+        base = {}
+    elif isinstance(config, UnlearnConfig):
+        base = config.to_dict()
+    else:
+        base = dict(config)
+    values = {**base, **options}
+    if method is not None:
+        values["method"] = method
+    cfg = UnlearnConfig.from_dict(values)
+    m = get_method(cfg.method)
+    changes = dict(m.overrides)
+    if cfg.project is None and "project" not in changes:
+        changes["project"] = m.project
+    return (cfg.replace(**changes) if changes else cfg), m
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _encode_forget(rows, tokenizer, cfg, method: Method) -> tuple[list[dict], list[str] | None]:
+    qa = is_qa(rows)
+    wants_safe = method.needs_safe and qa and (cfg.safe or cfg.suppress_loss == "dpo" or method.name.startswith("idk"))
+    targets = SafeTargets(cfg.templates, seed=cfg.seed, name_subject=cfg.name_subject).all(rows) if wants_safe else None
+    out = []
+    for i, row in enumerate(rows):
+        if qa:
+            ex = {"forget": encode_qa(tokenizer, row["question"], row["answer"], cfg.max_length)}
+            if targets is not None:
+                ex["safe"] = encode_qa(tokenizer, row["question"], targets[i], cfg.max_length)
+        else:
+            ex = {"forget": encode_text(tokenizer, row["text"], cfg.max_length)}
+        out.append(ex)
+    return out, targets
+
+
+def _encode_retain(rows, tokenizer, cfg) -> list[dict]:
+    if is_qa(rows):
+        return [{"retain": encode_qa(tokenizer, r["question"], r["answer"], cfg.max_length)} for r in rows]
+    return [{"retain": encode_text(tokenizer, r["text"], cfg.max_length)} for r in rows]
+
+
+def _stat_batches(examples: Sequence[dict], part: str, pad_id: int, device, chunk: int = 16):
+    """This process's share of ``examples`` as padded batches for ``model(**batch)`` (no labels)."""
+    rank, world = dist_info()
+    mine = list(examples)[rank::world]
+    batches = []
+    for i in range(0, len(mine), chunk):
+        enc = pad_encodings([e[part] for e in mine[i:i + chunk]], pad_id)
+        batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)})
+    return batches
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    rank, world = dist_info()
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, (t / world).tolist()))
+
+
+def unlearn(
+    model: nn.Module,
+    tokenizer,
+    forget,
+    retain=None,
+    method: str | None = None,
+    *,
+    config: UnlearnConfig | Mapping | None = None,
+    eval_fn: Callable[[nn.Module, int], dict] | None = None,
+    **options,
+) -> UnlearnResult:
+    """Unlearn ``forget`` from ``model`` while keeping ``retain``; see :class:`UnlearnConfig` for
+    ``options``. ``forget``/``retain``: a JSON/JSONL path, a list of dicts or a ``datasets.Dataset``
+    of question-answer rows (TOFU fields) or text rows (``text``). The retain data feeds both the
+    retention term and the retain statistics; to keep the statistics but switch the term off use
+    ``method="nsru-no-retain"`` or ``config={"retain": False}`` (``retain=False`` drops both).
+    Under ``torchrun`` every process calls this with the same arguments; ``batch_size`` is the
+    global batch.
+    """
+    started = time.perf_counter()
+    if isinstance(retain, bool):  # retain=False: no retain data and no retain term
+        options["retain"] = retain
+        retain = None
+    cfg, m = resolve_config(method, config, options)
+    import nsru
+
+    init_distributed_from_env()
+    seed_everything(cfg.seed)
+    if cfg.device is not None:
+        model.to(cfg.device)
+    device = _model_device(model)
+    pad_id = pad_token_id(tokenizer)
+
+    forget_rows = load_rows(forget, "forget")
+    retain_rows = load_rows(retain, "retain") if retain is not None else None
+    if retain_rows is None:
+        if cfg.retain and m.needs_retain:
+            raise ValueError(f"method {cfg.method!r} has a retain term but no retain data was given; "
+                             "pass retain=... or retain=False to switch the term off")
+        if cfg.finetune == "adapter" and cfg.project:
+            raise ValueError("the null-space projection needs retain data for its statistics; pass retain=... "
+                             "or project=False (plain LoRA)")
+    forget_ex, _ = _encode_forget(forget_rows, tokenizer, cfg, m)
+    retain_ex = _encode_retain(retain_rows, tokenizer, cfg) if retain_rows is not None else None
+
+    adapters: dict = {}
+    ref_model = None
+    needs_ref = m.needs_reference or cfg.retain_loss == "kl"
+    if cfg.finetune == "adapter":
+        adapters = nsru.nsru_modules(model)
+        if not adapters:
+            targets = cfg.target_modules
+            if m.default_targets is not None and targets == "all-linear":
+                targets = m.default_targets(model, cfg)
+            adapters = nsru.apply_nsru(model, target_modules=targets, rank=cfg.rank, alpha=cfg.alpha)
+        params = {}
+        for name, layer in adapters.items():
+            params[f"{name}.lora_A"] = layer.lora_A
+            params[f"{name}.lora_B"] = layer.lora_B
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+    else:
+        if needs_ref:
+            # Full fine-tuning has no adapter to switch off: the reference is a frozen copy.
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        model.requires_grad_(True)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    bases_info: dict[str, dict] = {}
+    if adapters:
+        if retain_ex is not None:
+            stats_ex = retain_ex if cfg.stats_examples is None else retain_ex[: cfg.stats_examples]
+            stat_batches = _stat_batches(stats_ex, "retain", pad_id, device)
+            moments = nsru.collect_second_moments(model, stat_batches, progress=False).all_reduce()
+            if cfg.project:
+                for name, C in ((n, moments[n]) for n in moments.names()):
+                    if not torch.isfinite(C).all():
+                        raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
+                                                 "check the model's activations on the retain data")
+                subspaces = nsru.retain_subspaces(moments, energy=cfg.energy, rank=cfg.basis_rank,
+                                                  threshold=cfg.threshold)
+                nsru.set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
+            leak = _mean_across_ranks(nsru.leakage(model, stat_batches, progress=False))
+        else:
+            leak = {n: 1.0 for n in adapters}
+        for name, layer in adapters.items():
+            bases_info[name] = {"k": layer.basis_rank, "in_features": layer.in_features, "leakage": leak[name]}
+
+    init_info: dict = {}
+    if adapters:
+        from nsru.init import init_adapters
+
+        forget_moments = None
+        if cfg.init == "forget":
+            fb = _stat_batches(forget_ex, "forget", pad_id, device)
+            forget_moments = nsru.collect_second_moments(model, fb, progress=False).all_reduce()
+        init_info = init_adapters(adapters, cfg.init, seed=cfg.seed, forget_moments=forget_moments)
+
+    ctx = LossContext(model, cfg, ref_model=ref_model)
+    if m.setup is not None:
+        fb = _stat_batches(forget_ex, "forget", pad_id, device)
+        m.setup(ctx, fb)
+
+    streams = {"forget": Stream(forget_ex, cfg.batch_size, seed=cfg.seed, salt=1, pad_id=pad_id)}
+    if retain_ex is not None and cfg.retain:
+        streams["retain"] = Stream(retain_ex, cfg.batch_size, seed=cfg.seed, salt=2, pad_id=pad_id)
+    trainer = Trainer(model, cfg, m, ctx, streams, params, adapters=adapters, eval_fn=eval_fn)
+    history = trainer.train()
+    if cfg.finetune == "full":
+        model.requires_grad_(False)
+    return UnlearnResult(
+        model=model,
+        history=history,
+        bases_info=bases_info,
+        config=cfg,
+        init_info=init_info,
+        method_state={k: v for k, v in ctx.state.items()},
+        checkpoint=trainer.last_checkpoint,
+        seconds=time.perf_counter() - started,
+    )
