@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from nsru import objectives as obj
+from nsru.methods import METHODS, LossContext, get_method
+from tinylm import one_thread
+
+LN2 = math.log(2.0)
+
+
+def logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+@pytest.fixture
+def two_token():
+    # Position 0 predicts label 1 (= 0) with p = 1/4; position 1 predicts label 2 (= 1) with p = 1/2.
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [5.0, 5.0]]])
+    labels = torch.tensor([[-100, 0, 1]])
+    return logits, labels
+
+
+def test_token_and_sequence_logprobs(two_token):
+    logits, labels = two_token
+    tok, mask = obj.token_logprobs(logits, labels)
+    assert mask.tolist() == [[True, True]]
+    assert tok[0].tolist() == pytest.approx([math.log(0.25), math.log(0.5)])
+    logp, n = obj.sequence_logprob(logits, labels)
+    assert logp.item() == pytest.approx(math.log(0.125)) and n.item() == 2
+
+
+def test_nll_and_gradient_ascent(two_token):
+    logits, labels = two_token
+    assert obj.nll_loss(logits, labels).item() == pytest.approx(1.5 * LN2)
+    assert obj.gradient_ascent_loss(logits, labels).item() == pytest.approx(-1.5 * LN2)
+
+
+def test_unlikelihood(two_token):
+    logits, labels = two_token
+    expected = -(math.log(0.75) + math.log(0.5)) / 2
+    assert obj.unlikelihood_loss(logits, labels).item() == pytest.approx(expected)
+
+
+def test_npo():
+    logp, ref = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -3.0])
+    expected = -(2 / 0.1) * (logsig(-0.1 * 1.0) + logsig(0.0)) / 2
+    assert obj.npo_loss(logp, ref, beta=0.1).item() == pytest.approx(expected, rel=1e-6)
+    # At the reference the loss is (2/β) ln 2 and its gradient pushes log π down.
+    x = torch.tensor([-2.0], requires_grad=True)
+    loss = obj.npo_loss(x, torch.tensor([-2.0]), beta=0.1)
+    assert loss.item() == pytest.approx(20 * LN2)
+    loss.backward()
+    assert x.grad.item() == pytest.approx(1.0)  # d/dx -(2/β) log σ(-β x) = 2 σ(β x) = 1 at 0
+
+
+def test_simnpo():
+    logp, n = torch.tensor([-6.0]), torch.tensor([3])
+    assert obj.simnpo_loss(logp, n, beta=4.5, delta=0.0).item() == pytest.approx(-(2 / 4.5) * logsig(4.5 * 2.0))
+    assert obj.simnpo_loss(logp, n, beta=4.5, delta=0.5).item() == pytest.approx(-(2 / 4.5) * logsig(4.5 * 1.5))
+
+
+def test_dpo():
+    c, r, c_ref, r_ref = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.0))
+    expected = -(2 / 0.1) * logsig(0.1 * 1.5)
+    assert obj.dpo_loss(c, r, c_ref, r_ref, beta=0.1).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [9.0, 9.0]]])
+    ref = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])
+    labels = torch.tensor([[-100, 1]])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert obj.kl_loss(logits, ref, labels).item() == pytest.approx(expected)
+    assert obj.kl_loss(ref, ref, labels).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_rmu_terms():
+    h = torch.tensor([[[1.0, 2.0], [7.0, 7.0]]])
+    mask = torch.tensor([[1, 0]])
+    control = torch.tensor([0.0, 4.0])
+    assert obj.rmu_forget_loss(h, control, mask).item() == pytest.approx((1 + 4) / 2)
+    assert obj.rmu_retain_loss(h, torch.zeros_like(h), mask).item() == pytest.approx((1 + 4) / 2)
+
+
+def test_registry_and_ablations():
+    assert {"nsru", "ga", "graddiff", "npo", "simnpo", "idkdpo", "rmu"} <= set(METHODS)
+    m = get_method("nsru-no-safe-no-project")
+    assert m.loss is METHODS["nsru"].loss and m.overrides == {"safe": False, "project": False}
+    with pytest.raises(ValueError, match="unknown unlearning method 'bogus'.*graddiff"):
+        get_method("bogus")
+
+
+def test_nsru_loss_weights_and_reference():
+    """On a freshly adapted model (B = 0) π_θ = π_ref, so NPO is (2/β) ln 2; the total is the
+    weighted sum of the terms."""
+    import nsru
+    from nsru.config import UnlearnConfig
+    from nsru.data import QACollator, encode_qa
+    from tinylm import tiny_llama, word_tokenizer
+
+    tok = word_tokenizer(["who is Anna ? Anna is a baker . I don't know ."])
+    with one_thread():
+        model = tiny_llama(len(tok))
+        nsru.apply_nsru(model, rank=2, alpha=4)
+        col = QACollator(tok)
+        batch = {
+            "forget": col([encode_qa(tok, "who is Anna ?", "Anna is a baker .")] * 2),
+            "safe": col([encode_qa(tok, "who is Anna ?", "I don't know .")] * 2),
+            "retain": col([encode_qa(tok, "who is Anna ?", "a baker .")] * 2),
+        }
+        cfg = UnlearnConfig(safe_weight=2.0, suppress_weight=3.0, retain_weight=0.5, beta=0.1)
+        out = METHODS["nsru"].loss(LossContext(model, cfg), batch)
+        assert out["forget"].item() == pytest.approx(20 * LN2, rel=1e-5)
+        total = 2.0 * out["safe"] + 3.0 * out["forget"] + 0.5 * out["retain"]
+        assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
+        off = METHODS["nsru"].loss(LossContext(model, cfg.replace(safe=False, retain=False)), batch)
+        assert set(off) == {"forget", "loss"}
