@@ -1,50 +1,228 @@
-// Grouped second-moment accumulation: moments[i] += X_iᵀ X_i over the unmasked rows of X_i.
+// Grouped second-moment accumulation, CPU: moments[i] += X_iᵀ X_i over the kept rows of X_i.
+//
+// Only the upper triangle is computed. Each module's statistic is cut into row panels
+// C[r0:r1, r0:d] += X[:, r0:r1]ᵀ X[:, r0:d] (the diagonal block of a panel is computed in full,
+// the rest of the lower triangle is never touched), so a module costs about half a GEMM.
+// The panels of all modules form one task list that the threads drain largest first, each task
+// one single-threaded GEMM: many small modules keep every core busy, and the wide panels keep
+// each GEMM near peak. Measured on 2 Xeon (AVX-512) cores, 4096 tokens, fp32: panels of 256 rows
+// reach 1.6-1.7x a full addmm_ at width 1024-2048; 128-row panels lose GEMM efficiency.
+//
+// bf16/fp16 inputs with an fp32 statistic go straight to MKL's mixed-precision GEMM
+// (bf16 x bf16 -> fp32, AMX on recent Xeons) when torch's MKL exports it; otherwise, and for
+// masks, other strides or an fp64 statistic, rows are gathered and converted chunk by chunk into
+// a buffer no larger than what a per-module `x.to(C.dtype)` would allocate.
 #include <torch/extension.h>
 
+#include "second_moment.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
 #include <vector>
+
+// MKL's mixed-precision CBLAS, exported by torch's x86 builds (which link MKL statically). Weak, so
+// that the extension still loads against a torch without MKL; the converting path is used then.
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                          int ldc) __attribute__((weak));
+}
 
 namespace nsru {
 
 namespace {
 
-void check_pair(const at::Tensor& moment, const at::Tensor& input, int64_t i) {
-  TORCH_CHECK(moment.dim() == 2 && moment.size(0) == moment.size(1),
-              "second_moment_: moments[", i, "] must be a square matrix, got shape ", moment.sizes());
-  TORCH_CHECK(moment.is_contiguous(), "second_moment_: moments[", i, "] must be contiguous");
-  TORCH_CHECK(moment.scalar_type() == at::kFloat || moment.scalar_type() == at::kDouble,
-              "second_moment_: moments[", i, "] must be float32 or float64, got ", moment.scalar_type());
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == moment.size(0),
-              "second_moment_: inputs[", i, "] has width ", input.dim() ? input.size(-1) : 0,
-              " but moments[", i, "] is ", moment.size(0), "x", moment.size(1));
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "second_moment_: inputs[", i, "] must be floating point, got ", input.scalar_type());
-  TORCH_CHECK(input.device() == moment.device(), "second_moment_: inputs[", i, "] is on ", input.device(),
-              " but moments[", i, "] is on ", moment.device());
+constexpr int kCblasRowMajor = 101;
+constexpr int kCblasNoTrans = 111;
+constexpr int kCblasTrans = 112;
+constexpr int64_t kPanel = 256;       // rows of C per task
+constexpr int64_t kMinChunkRows = 256;  // rows of X per converted chunk, at least
+
+// How the GEMM of a module reads its rows.
+enum class Gemm { kFloat, kDouble, kBF16, kHalf };
+
+struct Module {
+  at::Tensor moment;  // (d, d), contiguous
+  at::Tensor rows;    // (n_all, d) view of the input
+  at::Tensor index;   // int64 kept rows, or undefined for all rows
+  int64_t d = 0;
+  int64_t n = 0;           // kept rows
+  Gemm gemm = Gemm::kFloat;
+  bool direct = false;     // the GEMM reads `rows` in place
+  at::ScalarType buffer_type = at::kFloat;
+  // Per pass: the operand the GEMM reads, rows [lo, hi) of the kept rows.
+  at::Tensor operand;
+};
+
+bool mixed_gemm_available(at::ScalarType t) {
+  if (t == at::kBFloat16) return cblas_gemm_bf16bf16f32 != nullptr;
+  if (t == at::kHalf) return cblas_gemm_f16f16f32 != nullptr;
+  return false;
+}
+
+Module plan_module(const at::Tensor& moment, const at::Tensor& input, const std::optional<at::Tensor>& mask,
+                   int64_t i) {
+  Module m;
+  m.moment = moment;
+  m.d = moment.size(0);
+  m.rows = input.reshape({check_mask(input, m.d, mask, i), m.d});
+  m.n = m.rows.size(0);
+  if (mask.has_value() && mask->defined()) {
+    m.index = at::nonzero(mask->reshape({-1})).reshape({-1});
+    m.n = m.index.size(0);
+  }
+  const at::ScalarType in = input.scalar_type();
+  if (moment.scalar_type() == at::kDouble) {
+    m.gemm = Gemm::kDouble;
+    m.buffer_type = at::kDouble;
+  } else if ((in == at::kBFloat16 || in == at::kHalf) && mixed_gemm_available(in)) {
+    m.gemm = in == at::kBFloat16 ? Gemm::kBF16 : Gemm::kHalf;
+    m.buffer_type = in;
+  } else {
+    m.gemm = Gemm::kFloat;
+    m.buffer_type = at::kFloat;
+  }
+  const bool blas_layout = m.rows.stride(1) == 1 && (m.rows.size(0) <= 1 || m.rows.stride(0) >= m.d);
+  m.direct = !m.index.defined() && in == m.buffer_type && blas_layout;
+  return m;
+}
+
+// One GEMM: C[r0:r0+h, r0:d] += X[:, r0:r0+h]ᵀ X[:, r0:d] over the rows of `x`.
+struct Task {
+  int32_t module;
+  int64_t r0;
+  int64_t h;
+  double cost;
+};
+
+void run_task(const Module& m, const Task& t) {
+  const at::Tensor& x = m.operand;
+  const int64_t k = x.size(0);
+  const int64_t w = m.d - t.r0;
+  if (k == 0) return;
+  if (m.gemm == Gemm::kBF16 || m.gemm == Gemm::kHalf) {
+    // CBLAS takes int sizes: rows in slices of at most 2^30.
+    constexpr int64_t kSlice = int64_t{1} << 30;
+    const int64_t ld = std::max<int64_t>(x.stride(0), 1);
+    TORCH_CHECK(ld <= INT32_MAX && m.d <= INT32_MAX, "second_moment_: a row stride of ", ld, " is too large");
+    auto fn = m.gemm == Gemm::kBF16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+    float* c = m.moment.data_ptr<float>() + t.r0 * m.d + t.r0;
+    for (int64_t k0 = 0; k0 < k; k0 += kSlice) {
+      const auto* a = reinterpret_cast<const uint16_t*>(x.const_data_ptr()) + k0 * ld + t.r0;
+      fn(kCblasRowMajor, kCblasTrans, kCblasNoTrans, static_cast<int>(t.h), static_cast<int>(w),
+         static_cast<int>(std::min(kSlice, k - k0)), 1.0f, a, static_cast<int>(ld), a, static_cast<int>(ld), 1.0f,
+         c, static_cast<int>(m.d));
+    }
+    return;
+  }
+  at::Tensor c = m.moment.narrow(0, t.r0, t.h).narrow(1, t.r0, w);
+  at::cpu::addmm_(c, x.narrow(1, t.r0, t.h).t(), x.narrow(1, t.r0, w));
+}
+
+// The panels of every module, largest first (so that the last tasks to start are the short ones).
+std::vector<Task> make_tasks(const std::vector<Module>& modules, const std::vector<int32_t>& active) {
+  std::vector<Task> tasks;
+  for (int32_t i : active) {
+    const Module& m = modules[i];
+    const int64_t k = m.operand.size(0);
+    if (k == 0) continue;
+    // A module narrower than two panels is one full GEMM: splitting it saves too little.
+    const int64_t panel = m.d < 2 * kPanel ? m.d : kPanel;
+    for (int64_t r0 = 0; r0 < m.d; r0 += panel) {
+      const int64_t h = std::min(panel, m.d - r0);
+      tasks.push_back({i, r0, h, static_cast<double>(h) * static_cast<double>(m.d - r0) * static_cast<double>(k)});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  return tasks;
+}
+
+void run_tasks(const std::vector<Module>& modules, const std::vector<Task>& tasks) {
+  if (tasks.empty()) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  if (threads <= 1) {
+    for (const Task& t : tasks) run_task(modules[t.module], t);
+    return;
+  }
+  // One chunk per thread; inside, threads take the next task from a shared counter. The GEMMs run
+  // single-threaded inside the parallel region (BLAS does not nest), so each core owns one GEMM.
+  std::atomic<int64_t> next{0};
+  const int64_t count = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t j = next.fetch_add(1); j < count; j = next.fetch_add(1)) run_task(modules[tasks[j].module], tasks[j]);
+  });
 }
 
 }  // namespace
 
 void second_moment_cpu(at::TensorList moments, at::TensorList inputs,
                        const c10::List<std::optional<at::Tensor>>& masks) {
-  TORCH_CHECK(moments.size() == inputs.size(), "second_moment_: got ", moments.size(), " moments and ",
-              inputs.size(), " inputs");
-  TORCH_CHECK(masks.size() == 0 || masks.size() == inputs.size(), "second_moment_: got ", masks.size(),
-              " masks for ", inputs.size(), " inputs (pass none or one per input)");
+  check_lists(moments, inputs, masks);
+  at::NoGradGuard no_grad;
+  std::vector<Module> modules;
+  modules.reserve(moments.size());
   for (size_t i = 0; i < moments.size(); ++i) {
-    at::Tensor moment = moments[i];
-    check_pair(moment, inputs[i], static_cast<int64_t>(i));
-    at::Tensor x = inputs[i].reshape({-1, moment.size(0)});
-    if (masks.size() > 0) {
-      std::optional<at::Tensor> mask = masks.get(i);
-      if (mask.has_value() && mask->defined()) {
-        TORCH_CHECK(mask->numel() == x.size(0), "second_moment_: masks[", i, "] has ", mask->numel(),
-                    " entries for ", x.size(0), " rows of inputs[", i, "]");
-        x = x.index({mask->reshape({-1}).to(at::kBool)});
-      }
+    check_pair(moments[i], inputs[i], static_cast<int64_t>(i));
+    TORCH_CHECK(moments[i].device().is_cpu(), "second_moment_: moments[", i, "] must be a CPU tensor here");
+    std::optional<at::Tensor> mask = masks.size() > 0 ? masks.get(i) : std::nullopt;
+    if (moments[i].size(0) == 0) {
+      check_mask(inputs[i], 0, mask, static_cast<int64_t>(i));
+      continue;
     }
-    if (x.size(0) == 0) continue;
-    x = x.to(moment.scalar_type());
-    moment.addmm_(x.t(), x);
+    modules.push_back(plan_module(moments[i], inputs[i], mask, static_cast<int64_t>(i)));
+  }
+
+  // Modules read in place: one pass over all their rows.
+  std::vector<int32_t> direct, converted;
+  int64_t converted_row_bytes = 0, largest_conversion = 0, most_rows = 0;
+  for (size_t i = 0; i < modules.size(); ++i) {
+    Module& m = modules[i];
+    if (m.n == 0 || m.d == 0) continue;
+    if (m.direct) {
+      m.operand = m.rows;
+      direct.push_back(static_cast<int32_t>(i));
+    } else {
+      const int64_t row_bytes = m.d * static_cast<int64_t>(at::elementSize(m.buffer_type));
+      converted_row_bytes += row_bytes;
+      largest_conversion = std::max(largest_conversion, row_bytes * m.n);
+      most_rows = std::max(most_rows, m.n);
+      converted.push_back(static_cast<int32_t>(i));
+    }
+  }
+  run_tasks(modules, make_tasks(modules, direct));
+  for (int32_t i : direct) modules[i].operand = at::Tensor();
+  if (converted.empty()) return;
+
+  // The others: chunks of rows gathered and converted into buffers, all modules at once, the
+  // buffers together no larger than the largest single conversion (what a per-module loop needs).
+  int64_t chunk = std::max(kMinChunkRows, largest_conversion / std::max<int64_t>(converted_row_bytes, 1));
+  chunk = std::min(chunk, most_rows);
+  std::vector<at::Tensor> buffers(modules.size());
+  for (int32_t i : converted) {
+    Module& m = modules[i];
+    buffers[i] = at::empty({std::min(chunk, m.n), m.d}, m.moment.options().dtype(m.buffer_type));
+  }
+  for (int64_t lo = 0; lo < most_rows; lo += chunk) {
+    std::vector<int32_t> active;
+    for (int32_t i : converted) {
+      Module& m = modules[i];
+      if (lo >= m.n) continue;
+      const int64_t rows = std::min(chunk, m.n - lo);
+      at::Tensor src = m.index.defined() ? m.rows.index_select(0, m.index.narrow(0, lo, rows))
+                                         : m.rows.narrow(0, lo, rows);
+      m.operand = buffers[i].narrow(0, 0, rows);
+      m.operand.copy_(src);
+      active.push_back(i);
+    }
+    run_tasks(modules, make_tasks(modules, active));
   }
 }
 
