@@ -333,7 +333,7 @@ class Trainer:
         if flag.item() > 0:
             kept = str(self.last_checkpoint) if self.last_checkpoint else (
                 "none was written (set output_dir and save_every to keep one)")
-            what = ", ".join(f"{k} = {float(terms[k]):g}" for k in bad) if bad else "on another process"
+            what = ", ".join(f"{k} = {float(terms[k].detach()):g}" for k in bad) if bad else "on another process"
             raise NonFiniteLossError(
                 f"non-finite {where} at step {self.step + 1} ({what}); stopped before applying it. The model holds the "
                 f"weights of step {self.step}; last good checkpoint: {kept}. Lower lr, raise beta, or enable clipping."
@@ -425,12 +425,12 @@ class Trainer:
     # ---- checkpoints
 
     def _trainable_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"param.{n}": p.detach().cpu().contiguous() for n, p in self.params.items()}
+        out = {f"param.{n}": p.detach().cpu().clone() for n, p in self.params.items()}
         for name, layer in self.adapters.items():
-            out[f"basis.{name}"] = layer.retain_basis.detach().cpu().contiguous()
+            out[f"basis.{name}"] = layer.retain_basis.detach().cpu().clone()
         for key, value in self.ctx.state.items():
             if isinstance(value, torch.Tensor):
-                out[f"method.{key}"] = value.detach().cpu().contiguous()
+                out[f"method.{key}"] = value.detach().cpu().clone()
         return out
 
     def save_checkpoint(self) -> Path | None:
