@@ -96,3 +96,17 @@ def test_project_rows_rejects_mismatched_arguments():
         project_rows_([g, g], [torch.zeros(6, 1)])
     with pytest.raises(ValueError, match=r"grads\[0\] has shape \(4, 6\) and bases\[0\] \(5, 1\)"):
         project_rows_([g], [torch.zeros(5, 1)])
+
+
+def test_autocast_runs_the_gemm_in_the_autocast_dtype():
+    w, b, a, bb, u = _problem(dtype=torch.float32)
+    x = torch.randn(5, 12, requires_grad=True)
+    a.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lowrank_linear(x, w, b, a, bb, u, 1.0)
+    assert y.dtype == torch.bfloat16  # as nn.Linear under autocast
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32
+    expected = x @ w.T + b + x @ null_space_factor(a, u).T @ bb.T
+    torch.testing.assert_close(y.float(), expected, atol=1e-1, rtol=2e-2)
+    assert (a.grad @ u).abs().max() < 1e-5

@@ -26,6 +26,10 @@ def null_space_factor(lora_A: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
     return lora_A - (lora_A @ basis) @ basis.T
 
 
+def _same_dtype(*tensors: torch.Tensor | None) -> bool:
+    return len({t.dtype for t in tensors if t is not None}) == 1
+
+
 def lowrank_linear_forward_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -35,13 +39,27 @@ def lowrank_linear_forward_reference(
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of the forward on 2-D ``x``; returns ``(Y, S)``."""
-    y = F.linear(x, weight, bias)
-    if x.dtype == a_tilde.dtype == y.dtype:
-        s = x @ a_tilde.T
-        y.addmm_(s, lora_B.T, alpha=scaling)  # in place: no second (M, N) tensor
-    else:
+    if not _same_dtype(x, weight, bias, a_tilde, lora_B):
+        # mixed precision: the base GEMM in X's dtype, the adapter product in the adapters' (fp32)
+        y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         s = x.to(a_tilde.dtype) @ a_tilde.T
-        y = y + (scaling * (s @ lora_B.T)).to(y.dtype)
+        return y.add_((scaling * (s @ lora_B.T)).to(y.dtype)), s
+    # One dtype: write the low-rank term first, then let the base GEMM accumulate onto it (beta = 1).
+    # That costs the GEMM nothing: nn.Linear itself writes the broadcast bias into Y before its
+    # GEMM, and here the bias rides along as one more rank column ([S, 1] [sB, b]ᵀ), so the
+    # adapter adds only the two skinny products. Measured at M=2048, K=1024, N=2816, r=16, fp32, one
+    # thread: 1.00x nn.Linear, against 1.09x for F.linear followed by y.addmm_(S, Bᵀ).
+    m, rank = x.shape[0], a_tilde.shape[0]
+    factor = scaling * lora_B
+    if bias is None:
+        s = x @ a_tilde.T
+        y = s @ factor.T
+    else:
+        s_one = x.new_empty((m, rank + 1))
+        s_one[:, rank] = 1.0
+        s = torch.mm(x, a_tilde.T, out=s_one[:, :rank])
+        y = s_one @ torch.cat([factor, bias[:, None]], dim=1).T
+    y.addmm_(x, weight.T)
     return y, s
 
 
@@ -59,30 +77,40 @@ def lowrank_linear_backward_reference(
     dy_f = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
     x_f = x if x.dtype == a_tilde.dtype else x.to(a_tilde.dtype)
     t = dy_f @ lora_B  # (M, r)
-    d_b = (dy_f.T @ s).mul_(scaling)
+    # (Sᵀ dY)ᵀ rather than dYᵀ S: MKL ran the former 3x faster at the benchmark shape (CPU, one thread)
+    d_b = (s.T @ dy_f).mul_(scaling).T.contiguous()
     d_a = (t.T @ x_f).mul_(scaling)
     dx = None
     if needs_dx:
-        dx = dy @ weight.to(dy.dtype)
-        if dx.dtype == t.dtype:
-            dx.addmm_(t, a_tilde, alpha=scaling)
+        if _same_dtype(dy, weight, t, a_tilde):
+            # as in the forward: the low-rank term first, the base GEMM accumulates onto it for free
+            dx = t @ (scaling * a_tilde)
+            dx.addmm_(dy, weight)
         else:
-            dx = dx + (scaling * (t @ a_tilde)).to(dx.dtype)
+            dx = dy @ weight.to(dy.dtype)
+            dx.add_((scaling * (t @ a_tilde)).to(dx.dtype))
     return dx, d_a, d_b
 
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_A, lora_B, basis, scaling):
         in_features = x.shape[-1]
         x2d = x.reshape(-1, in_features)
-        a_tilde = null_space_factor(lora_A, basis)
-        if use_triton(x2d, weight):
-            from nsru.kernels.lowrank_linear import lowrank_linear_forward_triton as forward
-        else:
-            forward = lowrank_linear_forward_reference
-        y, s = forward(x2d, weight, bias, a_tilde, lora_B, scaling)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Autocast picks the GEMM dtype (as for nn.Linear); the adapters stay in their own dtype.
+            dtype = torch.get_autocast_dtype(device_type)
+            x2d, weight = x2d.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ctx.device_type = device_type
+        with torch.autocast(device_type, enabled=False):
+            a_tilde = null_space_factor(lora_A, basis)
+            if use_triton(x2d, weight):
+                from nsru.kernels.lowrank_linear import lowrank_linear_forward_triton as forward
+            else:
+                forward = lowrank_linear_forward_reference
+            y, s = forward(x2d, weight, bias, a_tilde, lora_B, scaling)
         ctx.save_for_backward(x2d, weight, a_tilde, lora_B, s, basis)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
@@ -90,19 +118,21 @@ class _LowRankLinear(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x2d, weight, a_tilde, lora_B, s, basis = ctx.saved_tensors
         dy2d = dy.reshape(-1, dy.shape[-1])
+        if dy2d.dtype != x2d.dtype:
+            dy2d = dy2d.to(x2d.dtype)
         needs_dx = ctx.needs_input_grad[0]
-        if use_triton(dy2d, weight):
-            from nsru.kernels.lowrank_linear import lowrank_linear_backward_triton as backward
-        else:
-            backward = lowrank_linear_backward_reference
-        dx, d_a, d_b = backward(dy2d, x2d, weight, a_tilde, lora_B, s, ctx.scaling, needs_dx)
-        project_rows_([d_a], [basis])
-        d_weight = dy2d.T @ x2d if ctx.needs_input_grad[1] else None
-        d_bias = dy2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        with torch.autocast(ctx.device_type, enabled=False):
+            if use_triton(dy2d, weight):
+                from nsru.kernels.lowrank_linear import lowrank_linear_backward_triton as backward
+            else:
+                backward = lowrank_linear_backward_reference
+            dx, d_a, d_b = backward(dy2d, x2d, weight, a_tilde, lora_B, s, ctx.scaling, needs_dx)
+            project_rows_([d_a], [basis])
+            d_weight = dy2d.T @ x2d if ctx.needs_input_grad[1] else None
+            d_bias = dy2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, d_weight, d_bias, d_a, d_b, None, None
