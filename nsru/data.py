@@ -349,7 +349,7 @@ def load_rows(source, name: str | None = None) -> list[dict]:
     """
     records = _records(source, text_ok=True)
     if not records:
-        raise DataError(f"{name + ' set ' if name else ''}{_describe(source)}: no rows")
+        raise DataError(f"{name + ' set ' if name else ''}{_describe(source)}: no rows (an empty {name or 'data'} set)")
     first = records[0][1]
     if isinstance(first, str) or (isinstance(first, Mapping) and "question" not in first and "text" in first):
         return load_text([r for _, r in records] if not isinstance(source, (str, os.PathLike)) else source, name)
