@@ -149,6 +149,25 @@ def run(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
     finally:
         os.environ.pop("NSRU_BACKEND")
 
+    # ---- project_rows_: one module (what the autograd function does per layer) and one grouped
+    # call over the seven projections of `layers` Llama layers (what the trainer does per step).
+    # U need not be orthonormal for timing; it is scaled so repeated application stays finite.
+    from nsru.kernels.project_rows import project_rows_triton_
+    from nsru.ops import project_rows_reference_
+
+    def module(width):
+        return torch.randn(r, width, device=device), torch.randn(width, width // 2, device=device) / width
+    layers_n = 8 if device.type == "cuda" else 1
+    one = [module(k)]
+    group = [module(width) for _ in range(layers_n) for width in [k] * 6 + [n]]
+    result["project_rows_ms"] = {
+        "one module (r=16, in=K, k=K/2): triton": bench(lambda: project_rows_triton_(*zip(*one))),
+        "one module: torch": bench(lambda: project_rows_reference_(*zip(*one))),
+        f"{len(group)} modules ({layers_n} layers x 7, k=in/2): triton, one launch": bench(lambda: project_rows_triton_(*zip(*group))),
+        f"{len(group)} modules: torch loop": bench(lambda: project_rows_reference_(*zip(*group))),
+    }  # fmt: skip
+    del one, group
+
     # ---- ratios and targets
     fwd, fb = result["forward_ms"], result["forward+backward_ms"]
     base_f, base_fb = fwd["nn.Linear (cuBLAS)"], fb["nn.Linear (frozen, cuBLAS)"]

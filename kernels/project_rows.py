@@ -89,6 +89,11 @@ def _project_rows_kernel(
         tl.debug_barrier()
 
 
+def row_blocks(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> int:
+    """How many programs :func:`project_rows_triton_` launches: its parallelism."""
+    return sum(triton.cdiv(g.shape[0], BLOCK_ROWS) for g, u in zip(grads, bases) if u.shape[1] and g.shape[1])
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 

@@ -9,7 +9,16 @@ from collections.abc import Sequence
 
 import torch
 
-from nsru.ops.backend import use_triton
+from nsru.ops.backend import requested_backend, use_triton
+
+# The grouped kernel gives each program 16 rows of one module and walks that module's whole basis,
+# so its parallelism is the number of such row blocks. One rank-16 module (the autograd function's
+# call) is one program on one SM: by the count of its tf32x3 products about 0.4 ms for a 4096-wide
+# module with 2048 basis vectors, where cuBLAS's two GEMMs spread over the GPU take tens of
+# microseconds. Below this many programs ``auto`` takes the torch (cuBLAS) path; the trainer's call
+# over all modules of a model is well above it. An estimate, not a measurement yet:
+# benchmarks/gpu_kernels.py times both sides.
+MIN_TRITON_PROGRAMS = 32
 
 
 def project_rows_reference_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> None:
@@ -24,7 +33,9 @@ def project_rows_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) 
     """In place, for every i: ``grads[i] ← grads[i] − (grads[i] U_i) U_iᵀ``.
 
     ``grads[i]`` is ``(r_i, in_i)`` and ``bases[i]`` is ``(in_i, k_i)`` with orthonormal columns
-    (``k_i`` may be 0). All modules are handled in one kernel launch on the Triton backend.
+    (``k_i`` may be 0). All modules are handled in one kernel launch on the Triton backend (taken on
+    CUDA when the group is large enough to fill the GPU, see ``MIN_TRITON_PROGRAMS``, or always
+    with ``NSRU_BACKEND=triton``).
     """
     if len(grads) != len(bases):
         raise ValueError(f"project_rows_: got {len(grads)} gradients and {len(bases)} bases")
@@ -37,8 +48,9 @@ def project_rows_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) 
     if not grads:
         return
     if use_triton(*grads, *bases):
-        from nsru.kernels.project_rows import project_rows_triton_
+        from nsru.kernels import project_rows as kernel
 
-        project_rows_triton_(grads, bases)
-    else:
-        project_rows_reference_(grads, bases)
+        if requested_backend() == "triton" or kernel.row_blocks(grads, bases) >= MIN_TRITON_PROGRAMS:
+            kernel.project_rows_triton_(grads, bases)
+            return
+    project_rows_reference_(grads, bases)
