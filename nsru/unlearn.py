@@ -23,7 +23,7 @@ from torch import nn
 
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
-from nsru.methods import LossContext, Method, get_method
+from nsru.methods import LossContext, Method, get_method, nsru_loss
 from nsru.safe_targets import SafeTargets
 from nsru.train import Stream, Trainer, dist_info, init_distributed_from_env
 
@@ -91,7 +91,10 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _encode_forget(rows, tokenizer, cfg, method: Method) -> tuple[list[dict], list[str] | None]:
     qa = is_qa(rows)
-    wants_safe = method.needs_safe and qa and (cfg.safe or cfg.suppress_loss == "dpo" or method.name.startswith("idk"))
+    # NSRU (and its ablations) need the safe targets for L_safe or as DPO's chosen answer;
+    # other methods that ask for them (IdkDPO) always use them.
+    uses_nsru_loss = method.loss is nsru_loss
+    wants_safe = method.needs_safe and qa and (not uses_nsru_loss or cfg.safe or cfg.suppress_loss == "dpo")
     targets = SafeTargets(cfg.templates, seed=cfg.seed, name_subject=cfg.name_subject).all(rows) if wants_safe else None
     out = []
     for i, row in enumerate(rows):
