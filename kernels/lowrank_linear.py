@@ -70,7 +70,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs) -> list[triton.Config]:
     if named_args["x_ptr"].dtype != torch.float32:
         chosen = _GEMM_16BIT
     else:
-        chosen = _GEMM_TF32 if kwargs.get("MAIN_PRECISION", named_args.get("MAIN_PRECISION")) == "tf32" else _GEMM_F32_IEEE
+        chosen = _GEMM_TF32 if kwargs["MAIN_PRECISION"] == "tf32" else _GEMM_F32_IEEE
     return chosen if _AUTOTUNE else chosen[:1]
 
 
