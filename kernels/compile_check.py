@@ -96,6 +96,7 @@ def check(arch: int = 90, every_config: bool = False) -> list[dict]:
                     MAIN_PRECISION=precision,
                     BLOCK_R=128 if every_config else 16,
                     EVEN_K=True,
+                    EVEN_MNK=unit_strides[1] == "stride_wk",  # the masked main loop in the other orientation
                     **config.kwargs,
                 )
                 rows.append(_compile(lk._fused_lowrank_gemm_kernel, types, constexprs, arch, config.num_warps, config.num_stages))

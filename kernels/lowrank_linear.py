@@ -97,7 +97,14 @@ def _rank_block(r: int) -> int:
     key=["M_BUCKET", "N", "K", "R", "MAIN_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
-@triton.heuristics({"EVEN_K": lambda meta: meta["K"] % meta["BLOCK_K"] == 0})
+@triton.heuristics(
+    {
+        "EVEN_K": lambda meta: meta["K"] % meta["BLOCK_K"] == 0,
+        "EVEN_MNK": lambda meta: meta["M"] % meta["BLOCK_M"] == 0
+        and meta["N"] % meta["BLOCK_N"] == 0
+        and meta["K"] % meta["BLOCK_K"] == 0,
+    }
+)
 @triton.jit
 def _fused_lowrank_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
@@ -112,6 +119,7 @@ def _fused_lowrank_gemm_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EVEN_MNK: tl.constexpr,
 ):
     """``Y[M, N] = X[M, K] W[N, K]ᵀ + bias[N] + scaling · S[M, R] B[N, R]ᵀ`` with fp32 accumulation."""
     pid = tl.program_id(0)
@@ -138,7 +146,10 @@ def _fused_lowrank_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
+        if EVEN_MNK:  # the common LLM case (tokens, widths multiples of the tile): no predicates
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        elif EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
         else:

@@ -33,8 +33,9 @@ DTYPES = [torch.float32, torch.float16, BF16]
 # (atol, rtol) of a kernel output against the fp32 reference on the same (rounded) inputs, outputs of order 1
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (4e-2, 4e-2)}
 
-# (M, K, N): ragged, K over several K-steps of the interpreter's 32 (and of a GPU's 64 for the first)
-SHAPES = [(37, 150, 53), (5, 64, 19), (70, 33, 48)]
+# (M, K, N): ragged, K over several K-steps of the interpreter's 32 (and of a GPU's 64 for the first),
+# and one that the interpreter's 16x32x32 tile divides exactly (the unmasked path)
+SHAPES = [(37, 150, 53), (5, 64, 19), (70, 33, 48), (48, 64, 96)]
 
 
 @pytest.fixture(autouse=True)
