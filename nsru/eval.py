@@ -47,6 +47,7 @@ __all__ = [
     "model_utility",
     "evaluate_qa",
     "evaluate_tofu",
+    "evaluate_wmdp",
 ]
 
 MC_LETTERS = ("A", "B", "C", "D")
@@ -395,4 +396,24 @@ def evaluate_tofu(model, tokenizer, forget: Sequence[Mapping], retain: Sequence[
     )
     report["forget_tr_values"] = tr
     report["forget_generations"] = forget_r["generations"]
+    return report
+
+
+def evaluate_wmdp(model, tokenizer, hazard: Sequence[Mapping], benign: Mapping[str, Sequence[Mapping]] | Sequence[Mapping],
+                  batch_size: int = 64, progress: bool = True) -> dict:
+    """WMDP-style report: multiple-choice accuracy on the hazardous set and the benign set(s).
+
+    ``benign``: rows, or name -> rows (then ``benign_acc`` is the mean over all their rows and each
+    set also gets ``<name>_acc``). Returns ``{"hazard_acc", "benign_acc", ...}``.
+    """
+    report = {"hazard_acc": mc_accuracy(model, tokenizer, hazard, batch_size, progress)["acc"]}
+    sets = dict(benign) if isinstance(benign, Mapping) else {"benign": benign}
+    right = total = 0
+    for name, rows in sets.items():
+        res = mc_accuracy(model, tokenizer, rows, batch_size, progress)
+        if isinstance(benign, Mapping):
+            report[f"{name}_acc"] = res["acc"]
+        right += sum(res["values"])
+        total += len(res["values"])
+    report["benign_acc"] = right / total
     return report

@@ -14,7 +14,7 @@ from nsru.data import encode_qa
 
 @pytest.fixture(scope="module")
 def world():
-    return make_world(seed=1, n_people=20)
+    return make_world(seed=1, n_people=20, n_entities=3)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,14 @@ def test_mc_accuracy_is_the_argmax_of_letter_loglik(model, tok, world):
     assert E.mc_accuracy(model, tok, as_letters)["preds"] == res["preds"]
     with pytest.raises(ValueError, match="row 0"):
         E.mc_accuracy(model, tok, [dict(rows[0], answer=7)])
+
+
+def test_evaluate_wmdp(model, tok, world):
+    hazard, benign = world.mc("hazard")[:4], world.mc("benign")[:6]
+    rep = E.evaluate_wmdp(model, tok, hazard, {"a": benign[:2], "b": benign[2:]}, progress=False)
+    assert rep["hazard_acc"] == E.mc_accuracy(model, tok, hazard)["acc"]
+    assert rep["benign_acc"] == pytest.approx(E.mc_accuracy(model, tok, benign)["acc"])
+    assert set(rep) == {"hazard_acc", "benign_acc", "a_acc", "b_acc"}
 
 
 def test_forget_quality_and_model_utility():

@@ -56,12 +56,12 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the tiny Llama (about 1.1 M parameters with the defaults)."""
+    """Architecture of the tiny Llama (0.54 M parameters with the defaults)."""
 
     vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_hidden_layers: int = 4
+    hidden_size: int = 96
+    intermediate_size: int = 264
+    num_hidden_layers: int = 3
     num_attention_heads: int = 4
     max_position_embeddings: int = 128
     tie_word_embeddings: bool = False
@@ -71,7 +71,7 @@ class ModelConfig:
 class TrainConfig:
     """Recipe of the target models' training."""
 
-    epochs: int = 24
+    epochs: int = 16
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -130,7 +130,7 @@ def _world_texts(world: World) -> list[str]:
         texts.append(f"Question: {row['question']}\nAnswer: {row['answer']}")
         texts.append(row["paraphrased_answer"])
         texts.extend(row["perturbed_answer"])
-    texts += [r["text"] for r in world.corpus("hazard") + world.corpus("benign")]
+    texts += [r["text"] for r in world.biographies() + world.corpus("hazard") + world.corpus("benign")]
     for row in world.mc("hazard") + world.mc("benign"):
         texts.append(format_mc(row["question"], row["choices"]) + " A B C D")
     # The safe-target templates, so the tokenizer has words for refusals (a real one has them);
@@ -208,12 +208,12 @@ def training_examples(world: World, tokenizer, kind: str = "finetuned", forget_s
     """
     if kind == "finetuned":
         qa = world.split("full") + world.domain_qa("hazard")
-        corpus = world.corpus("hazard") + world.corpus("benign")
+        corpus = world.biographies("full") + world.corpus("hazard") + world.corpus("benign")
         mc = world.mc("hazard") + world.mc("benign")
     elif kind == "retain":
         forget_split = forget_split or max((s for s in world.split_names if s.startswith("forget")))
         qa = world.split(world.retain_split_of(forget_split))
-        corpus = world.corpus("benign")
+        corpus = world.biographies(world.retain_split_of(forget_split)) + world.corpus("benign")
         mc = world.mc("benign")
     else:
         raise ValueError(f"kind must be 'finetuned' or 'retain', got {kind!r}")
@@ -248,13 +248,48 @@ def _llama(cfg: ModelConfig, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def train_lm(model, examples: list[dict], tokenizer, train: TrainConfig, desc: str = "train", progress: bool = True):
+def _length_grouped_batches(examples: list[dict], batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of similar lengths: shuffle, sort within windows of 16 batches, shuffle the
+    batches. Lengths vary 3x here (short answers to 4-choice prompts), so this halves the padding."""
+    order = torch.randperm(len(examples), generator=gen).tolist()
+    window = 16 * batch_size
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda j: len(examples[j]["input_ids"]))
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[k] for k in perm]
+
+
+def default_threads() -> int:
+    """Threads for tiny-model training: ``$NSRU_THREADS``, else 1.
+
+    Matrices this small gain little from a second thread, and when the cores are busy with other
+    work two OpenMP threads spin on each other: measured on a loaded 2-core machine, a 0.5 M
+    model ran 13 steps/s on one thread and 0.25 steps/s on two.
+    """
+    return max(1, int(os.environ.get("NSRU_THREADS", "1")))
+
+
+def train_lm(model, examples: list[dict], tokenizer, train: TrainConfig, desc: str = "train", progress: bool = True,
+             threads: int | None = None):
     """Plain causal-LM training on encoded examples (AdamW, warm-up then cosine decay)."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    try:
+        return _train_lm(model, examples, tokenizer, train, desc, progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train_lm(model, examples, tokenizer, train: TrainConfig, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
     collate = QACollator(tokenizer)
     gen = torch.Generator().manual_seed(train.seed)
-    steps_per_epoch = math.ceil(len(examples) / train.batch_size)
+    window = 16 * train.batch_size
+    steps_per_epoch = sum(math.ceil(min(window, len(examples) - w) / train.batch_size)
+                          for w in range(0, len(examples), window))
     total = steps_per_epoch * train.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.98))
 
@@ -265,13 +300,13 @@ def train_lm(model, examples: list[dict], tokenizer, train: TrainConfig, desc: s
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    torch.set_flush_denormal(True)  # denormal floats slow CPU matmuls many times over
     model.train()
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     loss_ema = None
     for _ in range(train.epochs):
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        for i in range(0, len(order), train.batch_size):
-            batch = collate([examples[j] for j in order[i: i + train.batch_size]])
+        for idx in _length_grouped_batches(examples, train.batch_size, gen):
+            batch = collate([examples[j] for j in idx])
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {bar.n}")
