@@ -49,12 +49,14 @@ def _compile(kernel, types: dict, constexprs: dict, arch: int, num_warps: int, n
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
     ptx = compiled.asm["ptx"]
+    tma = "cp.async.bulk.tensor" in ptx
     return {
         "kernel": fn.__name__,
         "dtypes": sorted({t for t in types.values() if t.startswith("*")}),
         "constexprs": {k: str(v) for k, v in constexprs.items() if k.isupper()},
         "shared_bytes": compiled.metadata.shared,
         "mma": "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none",
+        "tma": tma,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -100,6 +102,21 @@ def check(arch: int = 90, every_config: bool = False) -> list[dict]:
                     **config.kwargs,
                 )
                 rows.append(_compile(lk._fused_lowrank_gemm_kernel, types, constexprs, arch, config.num_warps, config.num_stages))
+    # the TMA variant of the fused GEMM, both orientations
+    for dtype, configs in (("bf16", lk._GEMM_16BIT), ("fp32", lk._GEMM_TF32)):
+        for config in configs if every_config else configs[:1]:
+            bm, bn, bk = (config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            for w_kn in (False, True):
+                w_block = (bk, bn) if w_kn else (bn, bk)
+                types = {
+                    "x_desc": f"tensordesc<{dtype}[{bm}, {bk}]>",
+                    "w_desc": f"tensordesc<{dtype}[{w_block[0]}, {w_block[1]}]>",
+                    "y_desc": f"tensordesc<{dtype}[{bm}, {bn}]>",
+                    "bias_ptr": f"*{dtype}", "s_ptr": "*fp32", "b_ptr": "*fp32", "scaling": "fp32",
+                }  # fmt: skip
+                constexprs = dict(stride_sr=1, stride_bn=1, stride_bias=1, HAS_BIAS=not w_kn, LOWRANK_BF16=dtype == "bf16",
+                                  MAIN_PRECISION="tf32", W_KN=w_kn, BLOCK_R=16, **config.kwargs)  # fmt: skip
+                rows.append(_compile(lk._fused_lowrank_gemm_tma_kernel, types, constexprs, arch, config.num_warps, config.num_stages))
     skinny = lk._skinny_configs()
     for dtype in ("bf16", "fp32"):
         for config in skinny if every_config else skinny[:1]:

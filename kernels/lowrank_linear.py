@@ -34,6 +34,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # NSRU_TRITON_AUTOTUNE=0: take the first configuration for the dtype instead of timing them all
 # (tests on a GPU, where every new shape and dtype would otherwise compile and time each one).
 _AUTOTUNE = os.environ.get("NSRU_TRITON_AUTOTUNE", "1") != "0"
+# NSRU_TRITON_TMA=1: the fused GEMMs move X, W and Y with Hopper's TMA (sm_90 and later) where the
+# layouts allow it. Off by default until a GPU run shows it faster than the pointer kernel
+# (benchmarks/gpu_kernels.py times both).
+TMA = os.environ.get("NSRU_TRITON_TMA", "0") == "1"
 
 # Accuracy of the small adapter products: three tf32 products per dot (about fp32 accuracy), cheap
 # where these kernels are memory-bound. (The interpreter computes every dot in numpy fp32 anyway.)
@@ -65,13 +69,21 @@ def _gemm_configs() -> list[triton.Config]:
     return _GEMM_INTERPRET if _INTERPRET else _GEMM_16BIT + _GEMM_TF32 + _GEMM_F32_IEEE
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs) -> list[triton.Config]:
+def _prune_gemm_configs(configs, named_args, tma=False, **kwargs) -> list[triton.Config]:
     """The configurations for this call's dtype and precision (only the first unless autotuning)."""
-    if named_args["x_ptr"].dtype != torch.float32:
+    x = named_args["x_desc"].base if tma else named_args["x_ptr"]
+    if x.dtype != torch.float32:
         chosen = _GEMM_16BIT
     else:
         chosen = _GEMM_TF32 if kwargs["MAIN_PRECISION"] == "tf32" else _GEMM_F32_IEEE
+    if tma:  # the same shapes, carrying the pre-hook that sizes the descriptors' blocks
+        by_shape = {_shape_of(c): c for c in configs}
+        chosen = [by_shape[_shape_of(c)] for c in chosen]
     return chosen if _AUTOTUNE else chosen[:1]
+
+
+def _shape_of(c: triton.Config) -> tuple:
+    return (*sorted(c.kwargs.items()), c.num_stages, c.num_warps)
 
 
 def _skinny_configs() -> list[triton.Config]:
@@ -90,6 +102,51 @@ def _bucket(m: int) -> int:
 
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row-block, column-block), in grouped order: GROUP_M row-blocks walk the
+    column-blocks together, so the W tiles they share stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _add_lowrank_and_bias(
+    acc, offs_m, offs_n, mask_m, mask_n,
+    s_ptr, b_ptr, bias_ptr, R,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_bias,
+    scaling,
+    HAS_BIAS: tl.constexpr, LOWRANK_BF16: tl.constexpr, MAIN_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``acc + scaling · S[offs_m] B[offs_n]ᵀ + bias[offs_n]``: one (BLOCK_M, r) x (r, BLOCK_N) product
+    into the GEMM's accumulator before its single store."""
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    s = tl.load(
+        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, mask=mask_m[:, None] & mask_r[None, :], other=0.0
+    )
+    bt = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=mask_r[:, None] & mask_n[None, :], other=0.0
+    )
+    s = s.to(tl.float32) * scaling
+    bt = bt.to(tl.float32)
+    if LOWRANK_BF16:  # bf16 output: a bf16 product is as exact as the store, and fp32 would cost tf32 rate
+        acc = tl.dot(s.to(tl.bfloat16), bt.to(tl.bfloat16), acc)
+    else:
+        acc = tl.dot(s, bt, acc, input_precision=MAIN_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
 
 
 @triton.autotune(
@@ -122,17 +179,7 @@ def _fused_lowrank_gemm_kernel(
     EVEN_MNK: tl.constexpr,
 ):
     """``Y[M, N] = X[M, K] W[N, K]ᵀ + bias[N] + scaling · S[M, R] B[N, R]ᵀ`` with fp32 accumulation."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row-blocks walk the column-blocks together, so W tiles stay in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -160,26 +207,70 @@ def _fused_lowrank_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # The low-rank term, straight into the accumulator: one (BLOCK_M, r) x (r, BLOCK_N) product.
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    s = tl.load(
-        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, mask=mask_m[:, None] & mask_r[None, :], other=0.0
-    )
-    bt = tl.load(
-        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=mask_r[:, None] & mask_n[None, :], other=0.0
-    )
-    s = s.to(tl.float32) * scaling
-    bt = bt.to(tl.float32)
-    if LOWRANK_BF16:  # bf16 output: a bf16 product is as exact as the store, and fp32 would cost tf32 rate
-        acc = tl.dot(s.to(tl.bfloat16), bt.to(tl.bfloat16), acc)
-    else:
-        acc = tl.dot(s, bt, acc, input_precision=MAIN_PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _add_lowrank_and_bias(
+        acc, offs_m, offs_n, mask_m, mask_n, s_ptr, b_ptr, bias_ptr, R,
+        stride_sm, stride_sr, stride_bn, stride_br, stride_bias, scaling,
+        HAS_BIAS, LOWRANK_BF16, MAIN_PRECISION, BLOCK_R,
+    )  # fmt: skip
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _set_tma_blocks(nargs) -> None:
+    """Autotuner pre-hook: the descriptors' block shapes follow the configuration being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
+    nargs["y_desc"].block_shape = [bm, bn]
+
+
+def _tma_configs() -> list[triton.Config]:
+    return [
+        triton.Config(dict(c.kwargs), num_stages=c.num_stages, num_warps=c.num_warps, pre_hook=_set_tma_blocks)
+        for c in _gemm_configs()
+    ]
+
+
+@triton.autotune(
+    configs=_tma_configs(),
+    key=["M_BUCKET", "N", "K", "R", "MAIN_PRECISION", "W_KN"],
+    prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _prune_gemm_configs(configs, nargs, **kw, tma=True)},
+)
+@triton.jit
+def _fused_lowrank_gemm_tma_kernel(
+    x_desc, w_desc, y_desc, bias_ptr, s_ptr, b_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_bias,
+    scaling,
+    HAS_BIAS: tl.constexpr,
+    LOWRANK_BF16: tl.constexpr,
+    MAIN_PRECISION: tl.constexpr,
+    W_KN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The same product as ``_fused_lowrank_gemm_kernel`` with X, W and Y moved by Hopper's tensor
+    memory accelerator (TMA): no address arithmetic or predicates in the loop, edges zero-filled
+    and clipped by the hardware. W is (N, K), or (K, N) when ``W_KN`` (dX = dY W in the backward)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        x = x_desc.load([off_m, k])
+        if W_KN:
+            w = w_desc.load([k, off_n])
+        else:
+            w = w_desc.load([off_n, k]).T
+        acc = tl.dot(x, w, acc, input_precision=MAIN_PRECISION)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    acc = _add_lowrank_and_bias(
+        acc, offs_m, offs_n, offs_m < M, offs_n < N, s_ptr, b_ptr, bias_ptr, R,
+        stride_sm, stride_sr, stride_bn, stride_br, stride_bias, scaling,
+        HAS_BIAS, LOWRANK_BF16, MAIN_PRECISION, BLOCK_R,
+    )  # fmt: skip
+    y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
 @triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R"])
@@ -229,25 +320,65 @@ def _main_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _fused_gemm(x, w_nk, bias, s, b_nr, out, scaling: float) -> None:
-    """``out = x @ w_nkᵀ + bias + scaling · s @ b_nrᵀ`` where ``w_nk`` is any (N, K) view and ``b_nr`` any (N, R) view."""
+def _tma_layout_ok(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides and a contiguous last dimension."""
+    return all(
+        t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors
+    )
+
+
+def _tma_available(device: torch.device) -> bool:
+    return _INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _fused_gemm(x, w_nk, bias, s, b_nr, out, scaling: float, tma: bool | None = None) -> None:
+    """``out = x @ w_nkᵀ + bias + scaling · s @ b_nrᵀ`` where ``w_nk`` is any (N, K) view and ``b_nr`` any (N, R) view.
+
+    ``tma`` (default: ``NSRU_TRITON_TMA``) takes the TMA kernel where the layouts allow it.
+    """
     m, k = x.shape
     n = w_nk.shape[0]
     r = s.shape[1]
     if m == 0 or n == 0:
         return
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _fused_lowrank_gemm_kernel[grid](
-        x, w_nk, bias if bias is not None else x, s, b_nr, out,
-        m, n, k, r, _bucket(m),
-        x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1),
-        s.stride(0), s.stride(1), b_nr.stride(0), b_nr.stride(1),
-        out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
-        float(scaling),
+    common = dict(
         HAS_BIAS=bias is not None,
         LOWRANK_BF16=out.dtype == torch.bfloat16,
         MAIN_PRECISION=_main_precision(x.dtype),
         BLOCK_R=_rank_block(r),
+    )
+    bias_arg = bias if bias is not None else s
+    bias_stride = bias.stride(0) if bias is not None else 0
+    w_kn = w_nk.stride(1) != 1  # W given as a transposed view (the backward's dX = dY W)
+    w_stored = w_nk.T if w_kn else w_nk
+    if (
+        (TMA if tma is None else tma)
+        and x.dtype == w_nk.dtype == out.dtype
+        and _tma_available(x.device)
+        and _tma_layout_ok(x, w_stored, out)
+    ):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block = [16, 16]  # placeholder: the autotuner's pre-hook sets each config's block shape
+        _fused_lowrank_gemm_tma_kernel[grid](
+            TensorDescriptor.from_tensor(x, block), TensorDescriptor.from_tensor(w_stored, block),
+            TensorDescriptor.from_tensor(out, block), bias_arg, s, b_nr,
+            m, n, k, r, _bucket(m),
+            s.stride(0), s.stride(1), b_nr.stride(0), b_nr.stride(1), bias_stride,
+            float(scaling),
+            W_KN=w_kn,
+            **common,
+        )  # fmt: skip
+        return
+    _fused_lowrank_gemm_kernel[grid](
+        x, w_nk, bias_arg, s, b_nr, out,
+        m, n, k, r, _bucket(m),
+        x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1),
+        s.stride(0), s.stride(1), b_nr.stride(0), b_nr.stride(1),
+        out.stride(0), out.stride(1), bias_stride,
+        float(scaling),
+        **common,
     )  # fmt: skip
 
 

@@ -37,14 +37,21 @@ def _check_rows(rows):
     assert rows
     for row in rows:
         assert row["shared_bytes"] <= SHARED_MEMORY_PER_BLOCK, row
-        if row["kernel"] == "_fused_lowrank_gemm_kernel" and row["constexprs"]["MAIN_PRECISION"] != "ieee":
+        if row["kernel"].startswith("_fused_lowrank_gemm") and row["constexprs"]["MAIN_PRECISION"] != "ieee":
             assert row["mma"] == "wgmma", row
+        if row["kernel"] == "_fused_lowrank_gemm_tma_kernel":
+            assert row["tma"], row  # the loads and the store go through the tensor memory accelerator
 
 
 def test_kernels_compile_for_hopper():
     rows = _compile_check()
     _check_rows(rows)
-    assert {row["kernel"] for row in rows} == {"_fused_lowrank_gemm_kernel", "_skinny_gemm_kernel", "_project_rows_kernel"}
+    assert {row["kernel"] for row in rows} == {
+        "_fused_lowrank_gemm_kernel",
+        "_fused_lowrank_gemm_tma_kernel",
+        "_skinny_gemm_kernel",
+        "_project_rows_kernel",
+    }
 
 
 @pytest.mark.slow
