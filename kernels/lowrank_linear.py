@@ -16,6 +16,9 @@ single store of the output: the low-rank term costs no second pass over Y (or dX
 output write. ``_skinny_gemm_kernel`` computes ``scale · P Qᵀ`` for a tall P and a thin Q (r rows);
 with strided views it gives S, T, dB and dÃ. These are memory-bound (each reads one big operand
 once) and run at fp32 accuracy (``tf32x3`` on tensor cores), which is free there.
+``_fused_lowrank_gemm_tma_kernel`` is the fused GEMM again with X, W and Y moved by Hopper's TMA
+(``NSRU_TRITON_TMA=1``; off until a GPU run shows it faster). ``nsru.kernels.compile_check``
+compiles all of them for sm_90 on a machine without a GPU.
 
 X and W may be fp32, bf16 or fp16 (W is cast to X's dtype in registers); the adapter factors are
 read as fp32 whatever their dtype. The rank dimension is padded to at least 16 (``tl.dot``'s

@@ -1,9 +1,9 @@
 """The Triton kernels against their torch references.
 
 Without a GPU the kernels run in Triton's interpreter (``tests/conftest.py`` sets
-``TRITON_INTERPRET=1``), which is slow: shapes stay small but ragged (M, K, N are no multiple of
-any block, and K spans several K-steps), so every masked edge is exercised. On a GPU the same tests
-run compiled, bf16 included.
+``TRITON_INTERPRET=1``), which is slow: shapes stay small but mostly ragged (M, K, N no multiple of
+any block, K over several K-steps), so every masked edge is exercised. On a GPU the same tests run
+compiled, bf16 included (``benchmarks/gpu_check.sh``).
 """
 
 from __future__ import annotations
