@@ -1,0 +1,205 @@
+"""``nsru demo``: NSRU, the baselines and the ablations on the offline world, in two scenarios.
+
+* **TOFU-style**: forget the ``forget10`` people from their question-answer rows, keep the rest
+  (``retain90`` is the retain data). Reported: forget quality (KS p-value of the forget-set truth
+  ratios against the retain model's), model utility (retain and world-facts probability, ROUGE and
+  truth ratio, harmonic mean), forget ROUGE / probability, retain ROUGE, safe-response rate.
+* **WMDP-style**: forget the hazardous domain from its questions (``domain_qa("hazard")``), with
+  the same retain data; reported: 4-choice accuracy on the hazardous and the benign domains. The
+  benign domains and the world facts are evaluation-only: never in any retention loss or statistic.
+
+Every method gets the same model, data, steps, batch size and learning rate (the defaults of
+:class:`nsru.config.UnlearnConfig`); nothing is tuned per method.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from nsru.bench.models import ModelConfig, TrainConfig, default_threads, target_models
+from nsru.bench.world import WorldConfig, make_world
+
+METHODS = (
+    "nsru", "ga", "graddiff", "npo", "simnpo", "idkdpo", "rmu",
+    "nsru-no-safe", "nsru-no-suppress", "nsru-no-retain", "nsru-no-project",
+)
+REFERENCES = ("finetuned", "retain")
+# The unlearning budget every method gets (batch size and the rest: UnlearnConfig's defaults).
+STEPS = 60
+QUICK_STEPS = 20
+LR = 3e-3
+KEYS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
+        "hazard_acc", "benign_acc", "seconds")
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    return model
+
+
+def _tofu_report(model, tok, sets, retain_tr):
+    from nsru import eval as E
+
+    rep = E.evaluate_tofu(model, tok, sets["forget"], sets["retain_eval"], {"world_facts": sets["world_facts"]},
+                          retain_tr_values=retain_tr, progress=False)
+    return rep
+
+
+def _wmdp_report(model, tok, sets):
+    from nsru import eval as E
+
+    return E.evaluate_wmdp(model, tok, sets["hazard_mc"], sets["benign_mc"], progress=False)
+
+
+def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHODS, cache=None,
+             steps: int | None = None, lr: float | None = None, world: WorldConfig | None = None,
+             model: ModelConfig | None = None, train: TrainConfig | None = None, log=print) -> dict:
+    """Run both scenarios for ``methods`` over ``seeds`` seeds; write ``results.json`` and
+    ``forget_quality_vs_utility.png`` under ``out``; return the results dict.
+
+    ``steps`` / ``lr``: the unlearning budget every method gets (defaults: :data:`STEPS`,
+    :data:`QUICK_STEPS`, :data:`LR`); ``world`` / ``model`` / ``train``: the benchmark's settings
+    (defaults: the shipped ones; tests pass tiny ones).
+    """
+    from nsru.unlearn import unlearn
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(default_threads())
+    world_cfg = world or WorldConfig()
+    world = make_world(world_cfg)
+    log("building or loading the tiny target models (cached after the first run)")
+    pair = target_models(world_cfg, model or ModelConfig(), train or TrainConfig(), "forget10", cache=cache)
+    (_, tok, ft_path), (_, _, rt_path) = pair["finetuned"], pair["retain"]
+    sets = {
+        "forget": world.split("forget10"),
+        "retain": world.split("retain90"),
+        "retain_eval": world.split("retain_perturbed"),
+        "world_facts": world.split("world_facts"),
+        "hazard_qa": world.domain_qa("hazard"),
+        "hazard_mc": world.mc("hazard"),
+        "benign_mc": world.mc("benign"),
+    }
+    n_steps = steps or (QUICK_STEPS if quick else STEPS)
+    lr = lr or LR
+    per_seed: dict[str, list[dict]] = {}
+
+    t0 = time.perf_counter()
+    retain_model = _load(rt_path)
+    rt_rep = _tofu_report(retain_model, tok, sets, None)
+    retain_tr = rt_rep["forget_tr_values"]
+    rt_rep["forget_quality"] = 1.0
+    rt_rep.update(_wmdp_report(retain_model, tok, sets))
+    rt_rep["seconds"] = _train_seconds(rt_path)
+    ft = _load(ft_path)
+    ft_rep = _tofu_report(ft, tok, sets, retain_tr)
+    ft_rep.update(_wmdp_report(ft, tok, sets))
+    ft_rep["seconds"] = _train_seconds(ft_path)
+    per_seed["finetuned"] = [ft_rep]
+    per_seed["retain"] = [rt_rep]
+    log(f"evaluated the finetuned and retain models in {time.perf_counter() - t0:.1f}s")
+
+    for seed in range(seeds):
+        for method in methods:
+            common = dict(method=method, steps=n_steps, lr=lr, seed=seed, progress=False)
+            t = time.perf_counter()
+            model = unlearn(_load(ft_path), tok, sets["forget"], sets["retain"], **common).model
+            tofu_s = time.perf_counter() - t
+            rep = _tofu_report(model, tok, sets, retain_tr)
+            t = time.perf_counter()
+            model = unlearn(_load(ft_path), tok, sets["hazard_qa"], sets["retain"], **common).model
+            wmdp_s = time.perf_counter() - t
+            rep.update(_wmdp_report(model, tok, sets))
+            rep["seconds"] = tofu_s + wmdp_s
+            per_seed.setdefault(method, []).append(rep)
+            log(f"seed {seed} {method:17s} FQ {rep['forget_quality']:.3g}  MU {rep['model_utility']:.3f}  "
+                f"safe {rep['safe_rate']:.2f}  hazard {rep['hazard_acc']:.2f}  benign {rep['benign_acc']:.2f}  "
+                f"({rep['seconds']:.1f}s)")
+
+    models = {name: _aggregate(reps, seeds > 1 and name not in REFERENCES) for name, reps in per_seed.items()}
+    results = {
+        "models": models,
+        "config": {"seeds": seeds, "quick": quick, "steps": n_steps, "lr": lr, "forget_split": "forget10",
+                   "world": world_cfg.to_dict(), "finetuned_model": str(ft_path), "retain_model": str(rt_path)},
+        "seconds": time.perf_counter() - started,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot_path = plot(models, out / "forget_quality_vs_utility.png")
+    log("\n" + table(models))
+    log(f"\nwrote {out / 'results.json'} and {plot_path} ({results['seconds']:.0f}s)")
+    return results
+
+
+def _train_seconds(path) -> float:
+    try:
+        return float(json.loads((Path(path) / "nsru_target.json").read_text())["train_seconds"])
+    except (OSError, KeyError, ValueError):
+        return 0.0
+
+
+def _aggregate(reps: list[dict], with_std: bool) -> dict:
+    row = {}
+    for key in KEYS:
+        vals = [r[key] for r in reps if r.get(key) is not None]
+        row[key] = statistics.fmean(vals) if vals else None
+        if with_std and len(vals) > 1:
+            row[f"{key}_std"] = statistics.stdev(vals)
+    return row
+
+
+def table(models: dict) -> str:
+    """A Markdown table of the results."""
+    cols = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
+            "hazard_acc", "benign_acc", "seconds")
+    head = "| model | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, row in models.items():
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            if v is None:
+                cells.append("–")
+                continue
+            text = f"{v:.2e}" if c == "forget_quality" and 0 < v < 1e-2 else f"{v:.3f}" if c != "seconds" else f"{v:.1f}"
+            if row.get(f"{c}_std") is not None:
+                text += f" ± {row[f'{c}_std']:.2g}"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(models: dict, path) -> Path:
+    """Forget quality (log scale) against model utility, one point per model, as in TOFU's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, row in models.items():
+        fq, mu = row.get("forget_quality"), row.get("model_utility")
+        if fq is None or mu is None:
+            continue
+        fq = max(fq, 1e-30)
+        marker = "*" if name == "nsru" else "s" if name in REFERENCES else "o"
+        ax.scatter([mu], [fq], s=120 if name == "nsru" else 50, marker=marker, zorder=3)
+        ax.annotate(name, (mu, fq), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality (KS p-value vs the retain model)")
+    ax.set_title("forget10 on the offline TOFU-style world")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,51 @@
+"""``nsru demo`` end to end on a tiny world and tiny models (the shipped settings are too big for a test)."""
+
+import json
+
+import pytest
+
+from nsru import cli
+from nsru.bench import demo
+from nsru.bench.models import ModelConfig, TrainConfig
+from nsru.bench.world import WorldConfig
+
+SCHEMA = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
+          "hazard_acc", "benign_acc", "seconds")
+
+
+def test_table_plot_and_aggregate(tmp_path):
+    rows = [{k: 0.5 for k in SCHEMA}, {k: 0.7 for k in SCHEMA}]
+    agg = demo._aggregate(rows, with_std=True)
+    assert agg["model_utility"] == pytest.approx(0.6) and agg["model_utility_std"] > 0
+    models = {"finetuned": demo._aggregate(rows[:1], False), "nsru": agg}
+    text = demo.table(models)
+    assert text.splitlines()[0].startswith("| model | forget_quality")
+    assert "| nsru | 0.600 ± 0.14" in text
+    path = demo.plot(models, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--seeds", "x"])
+    assert cli.main(["demo", "--seeds", "0"]) == 2
+    with pytest.raises(Exception, match="nope"):
+        cli.main(["demo", "--methods", "nsru,nope"])
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_tiny_settings(tmp_path):
+    world = WorldConfig(seed=5, n_people=20, n_entities=3)
+    model = ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    train = TrainConfig(epochs=2, batch_size=16, warmup_steps=5)
+    res = demo.run_demo(tmp_path / "out", seeds=2, methods=("nsru", "ga"), cache=tmp_path / "cache", steps=2,
+                        world=world, model=model, train=train, log=lambda *a: None)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(saved["models"]) == {"finetuned", "retain", "nsru", "ga"}
+    for name, row in saved["models"].items():
+        assert set(SCHEMA) <= set(row)
+        if name in ("nsru", "ga"):
+            assert "model_utility_std" in row
+    assert saved["models"]["retain"]["forget_quality"] == 1.0
+    assert (tmp_path / "out" / "forget_quality_vs_utility.png").exists()
+    assert res["models"].keys() == saved["models"].keys()
