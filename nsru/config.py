@@ -31,9 +31,11 @@ class UnlearnConfig:
     project: bool | None = None  # None: the method decides (on for nsru, off for the baselines)
     suppress_loss: str = "npo"  # npo | unlikelihood | dpo
     retain_loss: str = "nll"  # nll | kl
-    safe_weight: float = 1.0
-    suppress_weight: float = 1.0  # γ: weight of every method's forget-side term
-    retain_weight: float = 1.0  # α
+    # Loss weights; None: the method's default (NSRU: from benchmarks/sweep_defaults.py;
+    # baselines: open-unlearning's γ = α = 1).
+    safe_weight: float | None = None
+    suppress_weight: float | None = None  # γ: weight of every method's forget-side term
+    retain_weight: float | None = None  # α
     beta: float = 0.1  # NPO, DPO, IdkDPO
     simnpo_beta: float = 4.5
     simnpo_delta: float = 0.0
@@ -107,7 +109,8 @@ class UnlearnConfig:
         need(self.lr > 0, f"lr must be positive, got {self.lr!r}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         for name in ("safe_weight", "suppress_weight", "retain_weight"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            need(value is None or value >= 0, f"{name} must be >= 0, got {value!r}")
         need(self.beta > 0 and self.simnpo_beta > 0, "beta and simnpo_beta must be positive")
 
     @classmethod

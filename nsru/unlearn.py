@@ -80,6 +80,9 @@ def resolve_config(method: str | None, config: UnlearnConfig | Mapping | None, o
     changes = dict(m.overrides)
     if cfg.project is None and "project" not in changes:
         changes["project"] = m.project
+    for name in ("safe_weight", "suppress_weight", "retain_weight"):
+        if getattr(cfg, name) is None:
+            changes[name] = m.defaults.get(name, 1.0)
     return (cfg.replace(**changes) if changes else cfg), m
 
 

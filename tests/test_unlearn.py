@@ -164,3 +164,16 @@ def test_forget_aligned_init_forgets_faster_early():
                      progress=False)
         probs[init] = mean(answer_probs(model, tok, forget))
     assert probs["forget"] < probs["random"]
+
+
+def test_method_defaults_fill_only_unset_options():
+    from nsru.unlearn import resolve_config
+
+    cfg, m = resolve_config("nsru", None, {})
+    assert (cfg.safe_weight, cfg.suppress_weight, cfg.retain_weight, cfg.project) == (1.0, 0.3, 3.0, True)
+    cfg, _ = resolve_config("nsru", None, {"retain_weight": 1.0})
+    assert cfg.retain_weight == 1.0
+    cfg, _ = resolve_config("graddiff", None, {})
+    assert (cfg.suppress_weight, cfg.retain_weight, cfg.project) == (1.0, 1.0, False)
+    cfg, _ = resolve_config(None, {"method": "nsru-no-project"}, {})
+    assert cfg.project is False and cfg.method == "nsru-no-project"
