@@ -10,8 +10,8 @@
 //
 // bf16/fp16 inputs with an fp32 statistic go straight to MKL's mixed-precision GEMM
 // (bf16 x bf16 -> fp32, AMX on recent Xeons) when torch's MKL exports it; otherwise, and for
-// masks, other strides or an fp64 statistic, rows are gathered and converted chunk by chunk into
-// a buffer no larger than what a per-module `x.to(C.dtype)` would allocate.
+// masks, other strides or an fp64 statistic, the kept rows are gathered and converted, a few
+// modules at a time, into buffers of bounded total size (see second_moment_cpu).
 #include <torch/extension.h>
 
 #include "second_moment.h"
@@ -44,7 +44,7 @@ constexpr int kCblasRowMajor = 101;
 constexpr int kCblasNoTrans = 111;
 constexpr int kCblasTrans = 112;
 constexpr int64_t kPanel = 256;       // rows of C per task
-constexpr int64_t kMinChunkRows = 256;  // rows of X per converted chunk, at least
+constexpr int64_t kPassBytes = int64_t{32} << 20;  // converted rows held at once, at least
 
 // How the GEMM of a module reads its rows.
 enum class Gemm { kFloat, kDouble, kBF16, kHalf };
@@ -180,49 +180,45 @@ void second_moment_cpu(at::TensorList moments, at::TensorList inputs,
     modules.push_back(plan_module(moments[i], inputs[i], mask, static_cast<int64_t>(i)));
   }
 
-  // Modules read in place: one pass over all their rows.
-  std::vector<int32_t> direct, converted;
-  int64_t converted_row_bytes = 0, largest_conversion = 0, most_rows = 0;
+  // Modules read in place join the first pass; the others are gathered and converted whole (full
+  // rows keep the GEMMs long), in passes whose buffers together stay under a budget: the largest
+  // single conversion (what a per-module loop needs anyway) or kPassBytes, whichever is larger.
+  // Fewer passes matter on a busy machine: each pass ends in a barrier of all threads.
+  std::vector<int32_t> pass;
+  std::vector<std::vector<int32_t>> later;
+  int64_t budget = kPassBytes;
+  for (const Module& m : modules) {
+    if (!m.direct) budget = std::max(budget, m.n * m.d * static_cast<int64_t>(at::elementSize(m.buffer_type)));
+  }
+  int64_t used = 0;
   for (size_t i = 0; i < modules.size(); ++i) {
     Module& m = modules[i];
     if (m.n == 0 || m.d == 0) continue;
     if (m.direct) {
       m.operand = m.rows;
-      direct.push_back(static_cast<int32_t>(i));
-    } else {
-      const int64_t row_bytes = m.d * static_cast<int64_t>(at::elementSize(m.buffer_type));
-      converted_row_bytes += row_bytes;
-      largest_conversion = std::max(largest_conversion, row_bytes * m.n);
-      most_rows = std::max(most_rows, m.n);
-      converted.push_back(static_cast<int32_t>(i));
+      pass.push_back(static_cast<int32_t>(i));
+      continue;
     }
-  }
-  run_tasks(modules, make_tasks(modules, direct));
-  for (int32_t i : direct) modules[i].operand = at::Tensor();
-  if (converted.empty()) return;
-
-  // The others: chunks of rows gathered and converted into buffers, all modules at once, the
-  // buffers together no larger than the largest single conversion (what a per-module loop needs).
-  int64_t chunk = std::max(kMinChunkRows, largest_conversion / std::max<int64_t>(converted_row_bytes, 1));
-  chunk = std::min(chunk, most_rows);
-  std::vector<at::Tensor> buffers(modules.size());
-  for (int32_t i : converted) {
-    Module& m = modules[i];
-    buffers[i] = at::empty({std::min(chunk, m.n), m.d}, m.moment.options().dtype(m.buffer_type));
-  }
-  for (int64_t lo = 0; lo < most_rows; lo += chunk) {
-    std::vector<int32_t> active;
-    for (int32_t i : converted) {
-      Module& m = modules[i];
-      if (lo >= m.n) continue;
-      const int64_t rows = std::min(chunk, m.n - lo);
-      at::Tensor src = m.index.defined() ? m.rows.index_select(0, m.index.narrow(0, lo, rows))
-                                         : m.rows.narrow(0, lo, rows);
-      m.operand = buffers[i].narrow(0, 0, rows);
-      m.operand.copy_(src);
-      active.push_back(i);
+    const int64_t bytes = m.n * m.d * static_cast<int64_t>(at::elementSize(m.buffer_type));
+    if (later.empty() || used + bytes > budget) {
+      later.emplace_back();
+      used = 0;
     }
-    run_tasks(modules, make_tasks(modules, active));
+    later.back().push_back(static_cast<int32_t>(i));
+    used += bytes;
+  }
+  for (size_t p = 0; p < std::max<size_t>(later.size(), 1); ++p) {
+    if (p < later.size()) {
+      for (int32_t i : later[p]) {
+        Module& m = modules[i];
+        at::Tensor src = m.index.defined() ? m.rows.index_select(0, m.index) : m.rows;
+        m.operand = src.to(m.buffer_type).contiguous();
+        pass.push_back(i);
+      }
+    }
+    run_tasks(modules, make_tasks(modules, pass));
+    for (int32_t i : pass) modules[i].operand = at::Tensor();
+    pass.clear();
   }
 }
 

@@ -80,6 +80,19 @@ def test_many_small_modules_and_long_masked_inputs():
         _upper_close(gm, w, torch.float32)
 
 
+def test_masked_modules_over_several_passes():
+    # 5 x ~1800 kept rows x 1024 fp64 conversions > the 32 MiB a pass holds: at least two passes.
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(2000, 1024, generator=g) for _ in range(5)]
+    masks = [torch.rand(2000, generator=g) > 0.1 for _ in range(5)]
+    got = [torch.zeros(1024, 1024, dtype=torch.float64) for _ in range(5)]
+    want = [torch.zeros(1024, 1024, dtype=torch.float64) for _ in range(5)]
+    second_moment_(got, inputs, masks)
+    second_moment_reference_(want, inputs, masks)
+    for gm, w in zip(got, want):
+        _upper_close(gm, w, torch.float64)
+
+
 @pytest.mark.parametrize(
     "mask_of",
     [lambda m: m, lambda m: m.long(), lambda m: m.float(), lambda m: m.reshape(-1)],
