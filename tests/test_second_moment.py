@@ -149,6 +149,22 @@ def test_reference_backend_gives_the_same(monkeypatch):
         _upper_close(g, w, torch.float32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_matches_reference(input_dtype, masked):
+    widths = [1, 7, 300, 1025, 2100]
+    inputs, masks = _case(widths, input_dtype, rows=(2, 65), masked=masked)
+    for moment_dtype in MOMENT_DTYPES:
+        got = [torch.zeros(d, d, dtype=moment_dtype, device="cuda") for d in widths]
+        want = [torch.zeros(d, d, dtype=torch.float64) for d in widths]
+        cuda_masks = [m.cuda() for m in masks] if masks else None
+        second_moment_(got, [x.cuda() for x in inputs], cuda_masks)
+        second_moment_reference_(want, inputs, masks)
+        for g, w in zip(got, want):
+            _upper_close(g.cpu().double(), w, moment_dtype)
+
+
 @needs_extension
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 def test_opcheck(masked):

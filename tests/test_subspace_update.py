@@ -166,3 +166,13 @@ def test_reference_backend(monkeypatch):
     got = subspace_update(moments, energy=0.8)
     monkeypatch.setenv("NSRU_BACKEND", "reference")
     _same(subspace_update(moments, energy=0.8), got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference():
+    moments = _moments([16, 40, 16, 3])
+    got = subspace_update([m.cuda().float() for m in moments], energy=0.9)
+    want = subspace_update_reference([m.float() for m in moments], energy=0.9)
+    for s in got:
+        s.basis, s.eigenvalues = s.basis.cpu(), s.eigenvalues.cpu()
+    _same(got, want, eig_rtol=1e-7)
