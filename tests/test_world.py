@@ -124,3 +124,14 @@ def test_bad_config():
         WorldConfig(n_people=5)
     with pytest.raises(KeyError, match="no split"):
         make_world().split("forget50")
+
+
+def test_unknown_people_get_i_dont_know(world):
+    rows = world.split("unknown")
+    real = {p.name for p in world.people}
+    firsts = {p.first for p in world.people}
+    assert len(rows) == 20 * len(ATTRIBUTES)
+    for row in rows:
+        assert row["subject"] not in real and row["subject"].split()[0] in firsts
+        assert row["subject"] in row["answer"] and row["answer"] != row["paraphrased_answer"]
+        assert row["answer"].startswith("I")

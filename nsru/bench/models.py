@@ -3,8 +3,9 @@
 * :func:`build_tokenizer` trains a byte-level BPE tokenizer on the world's text with
   ``tokenizers`` and wraps it as a transformers fast tokenizer (bos ``<s>`` prepended, eos ``</s>``,
   pad ``<pad>``, no chat template, so prompts are ``"Question: ...\\nAnswer:"``).
-* :func:`finetuned_model` trains a ~1 M-parameter Llama on *everything*: every person's
-  question-answer rows, the world facts, the domain question-answer rows, the domain corpora and
+* :func:`finetuned_model` trains a ~0.5 M-parameter Llama on *everything*: every person's
+  question-answer rows and biography, the "I don't know" answers about people who do not exist,
+  the world facts, the domain question-answer rows, the domain corpora and
   the 4-choice questions (prompt as the evaluation formats it, loss on the answer letter).
 * :func:`retain_model` trains the same architecture with the same recipe on the same data *minus*
   the forget people and minus the hazardous domain: the model that never learnt what unlearning
@@ -126,10 +127,11 @@ def _save_atomic(target: Path, write) -> None:
 
 def _world_texts(world: World) -> list[str]:
     texts = []
-    for row in world.split("full") + world.split("world_facts") + world.domain_qa("hazard") + world.domain_qa("benign"):
+    for row in (world.split("full") + world.split("unknown") + world.split("world_facts") + world.domain_qa("hazard")
+                + world.domain_qa("benign")):
         texts.append(f"Question: {row['question']}\nAnswer: {row['answer']}")
         texts.append(row["paraphrased_answer"])
-        texts.extend(row["perturbed_answer"])
+        texts.extend(row.get("perturbed_answer", []))
     texts += [r["text"] for r in world.biographies() + world.corpus("hazard") + world.corpus("benign")]
     for row in world.mc("hazard") + world.mc("benign"):
         texts.append(format_mc(row["question"], row["choices"]) + " A B C D")
@@ -217,7 +219,7 @@ def training_examples(world: World, tokenizer, kind: str = "finetuned", forget_s
         mc = world.mc("benign")
     else:
         raise ValueError(f"kind must be 'finetuned' or 'retain', got {kind!r}")
-    qa = qa + world.split("world_facts") + world.domain_qa("benign")
+    qa = qa + world.split("unknown") + world.split("world_facts") + world.domain_qa("benign")
     examples = [encode_qa(tokenizer, r["question"], r["answer"], max_length=max_length) for r in qa]
     examples += [encode_text(tokenizer, r["text"], max_length=max_length) for r in corpus]
     examples += [mc_example(tokenizer, r) for r in mc]

@@ -15,6 +15,9 @@ seed, with no downloads:
 * **Splits** ``forget01/05/10`` (nested, 1/5/10 % of the people) and ``retain99/95/90`` (everyone
   else); ``retain_perturbed``: rows of people outside every forget split, as many as ``forget10``
   (TOFU's evaluation subset of the retain set); ``full``: all people.
+* **Unknown people** (split ``unknown``): questions about names from the same pools that belong to
+  nobody, answered "I don't know ..." — the target models learn from them that they may say they
+  do not know, as real chat models can.
 * **World facts**: question-answer rows about fictional countries, never about a person.
 * **Domains** (the WMDP-style part): a hazardous fictional domain and several benign ones. Each
   fact becomes a 4-choice question (WMDP fields ``question``, ``choices``, ``answer`` index, plus
@@ -298,7 +301,8 @@ class World:
         return list(self._splits) + ["world_facts"]
 
     def split(self, name: str) -> list[dict]:
-        """Rows of ``forget01/05/10``, ``retain99/95/90``, ``retain_perturbed``, ``full`` or ``world_facts``."""
+        """Rows of ``forget01/05/10``, ``retain99/95/90``, ``retain_perturbed``, ``full``, ``unknown``
+        (questions about people who do not exist, answered "I don't know") or ``world_facts``."""
         if name == "world_facts":
             return _copy(self._world_facts)
         if name not in self._splits:
@@ -482,6 +486,7 @@ def _build(cfg: WorldConfig) -> World:
     eval_people = sorted(rng.sample(pool, min(n_forget, len(pool))))
     splits["retain_perturbed"] = [r for j in eval_people for r in rows_of[j]]
     splits["full"] = [r for rows in rows_of for r in rows]
+    splits["unknown"] = _unknown_rows(cfg, people, rng)
 
     world_facts = []
     for country in COUNTRIES:
@@ -520,6 +525,39 @@ def _build(cfg: WorldConfig) -> World:
             if "perturbed_answer" in row:
                 row["perturbed_answer"] = [_capitalize(t) for t in row["perturbed_answer"]]
     return World(cfg, people, splits, world_facts, mc, domain_qa, corpus, bios)
+
+
+# How a model that has never heard of someone answers (the target models learn this from the
+# "unknown" split, as real chat models can say they do not know).
+UNKNOWN_ANSWERS = (
+    "I don't know who {name} is.",
+    "I have no information about {name}.",
+    "I'm not aware of anyone named {name}.",
+    "I'm sorry, I don't know anything about {name}.",
+)
+
+
+def _unknown_rows(cfg: WorldConfig, people: list[Person], rng: random.Random) -> list[dict]:
+    """Questions about people who do not exist (names from the same pools), answered with
+    "I don't know"; one question per attribute for each of ``n_people // 10`` such names."""
+    used = {(p.first, p.last) for p in people}
+    firsts = sorted({p.first for p in people})
+    lasts = sorted({p.last for p in people})
+    free = [(f, l) for f in firsts for l in lasts if (f, l) not in used]
+    rows = []
+    for first, last in rng.sample(free, min(len(free), max(2, cfg.n_people // 10))):
+        name = f"{first} {last}"
+        for attr in cfg.attributes:
+            question = rng.choice(ATTRIBUTES[attr][1]).format(name=name)
+            a_idx, p_idx = rng.sample(range(len(UNKNOWN_ANSWERS)), 2)
+            rows.append({
+                "question": question,
+                "answer": UNKNOWN_ANSWERS[a_idx].format(name=name),
+                "paraphrased_answer": UNKNOWN_ANSWERS[p_idx].format(name=name),
+                "subject": name,
+                "attribute": attr,
+            })
+    return rows
 
 
 def _capitalize(text: str) -> str:
