@@ -40,21 +40,25 @@ def build_layers(bias: bool = True, basis_fraction: float = 0.5, seed: int = 0) 
     k, n, r = SHAPE["in_features"], SHAPE["out_features"], SHAPE["rank"]
     linear = nn.Linear(k, n, bias=bias).requires_grad_(False)
 
-    layer = nsru.NSRULinear.from_linear(_copy(linear), rank=r, alpha=SHAPE["alpha"])
+    layer = nsru.NSRULinear.from_linear(copy_linear(linear), rank=r, alpha=SHAPE["alpha"])
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)  # a trained-looking B (zeros would be no different in cost)
     basis = torch.linalg.qr(torch.randn(k, int(k * basis_fraction)))[0]
     layer.set_retain_basis(basis)
-    return {"nn.Linear": linear, "NSRULinear": layer, "PEFT LoRA": _peft_lora(_copy(linear), r, SHAPE["alpha"])}
+    return {"nn.Linear": linear, "NSRULinear": layer, "PEFT LoRA": peft_lora(copy_linear(linear), r, SHAPE["alpha"])}
 
 
-def _copy(linear: nn.Linear) -> nn.Linear:
+def copy_linear(linear: nn.Linear) -> nn.Linear:
+    """A frozen copy of ``linear`` on its device, in its dtype."""
     out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    out = out.to(device=linear.weight.device, dtype=linear.weight.dtype)
     out.load_state_dict(linear.state_dict())
     return out.requires_grad_(False)
 
 
-def _peft_lora(linear: nn.Linear, rank: int, alpha: int) -> nn.Module:
+def peft_lora(linear: nn.Linear, rank: int, alpha: int) -> nn.Module:
+    """PEFT's lora.Linear around ``linear`` as users get it from get_peft_model (adapters upcast to
+    fp32), with a non-zero B so that its cost is a trained layer's."""
     from peft import LoraConfig, get_peft_model
 
     holder = nn.Module()
@@ -66,31 +70,37 @@ def _peft_lora(linear: nn.Linear, rank: int, alpha: int) -> nn.Module:
     return lora
 
 
+def forward_step(module: nn.Module, x: torch.Tensor):
+    """A callable running ``module`` on ``x`` without autograd."""
+
+    def step():
+        with torch.no_grad():
+            return module(x)
+
+    return step
+
+
+def train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """A callable running forward and backward of ``module`` (dX always computed, as inside a
+    network), with the gradients cleared first so that no accumulation is timed."""
+    xg = x.detach().clone().requires_grad_()
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        xg.grad = None
+        for p in params:
+            p.grad = None
+        module(xg).backward(dy)
+
+    return step
+
+
 def step_fns(layers: dict[str, nn.Module], backward: bool, seed: int = 1) -> dict[str, callable]:
-    """One callable per layer: a forward, or a forward and backward (dX always computed, grads cleared)."""
+    """One callable per layer: a forward, or a forward and backward."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(SHAPE["tokens"], SHAPE["in_features"], generator=g)
     dy = torch.randn(SHAPE["tokens"], SHAPE["out_features"], generator=g)
-    fns = {}
-    for name, layer in layers.items():
-        params = [p for p in layer.parameters() if p.requires_grad]
-        if not backward:
-
-            def fn(layer=layer):
-                with torch.no_grad():
-                    return layer(x)
-
-        else:
-            xg = x.clone().requires_grad_()
-
-            def fn(layer=layer, xg=xg, params=params):
-                xg.grad = None
-                for p in params:
-                    p.grad = None
-                layer(xg).backward(dy)
-
-        fns[name] = fn
-    return fns
+    return {name: train_step(m, x, dy) if backward else forward_step(m, x) for name, m in layers.items()}
 
 
 def interleaved_ratios(fns: dict[str, callable], rounds: int, warmup: int = 2, baseline: str = "nn.Linear") -> dict:

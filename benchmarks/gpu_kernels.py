@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_layer import copy_linear, forward_step, peft_lora, train_step  # noqa: E402
+
 FULL = {"tokens": 8192, "in_features": 4096, "out_features": 11008, "rank": 16, "alpha": 32}
 SMOKE = {"tokens": 40, "in_features": 48, "out_features": 80, "rank": 16, "alpha": 32}
 TARGETS = {"forward": 1.05, "forward+backward": 1.10}
@@ -48,26 +51,6 @@ def _timer(device: torch.device):
         return statistics.median(ts)
 
     return wall
-
-
-def _peft_lora(linear: nn.Linear, rank: int, alpha: int) -> nn.Module:
-    """PEFT's lora.Linear as users get it from get_peft_model (adapters upcast to fp32)."""
-    from peft import LoraConfig, get_peft_model
-
-    holder = nn.Module()
-    holder.proj = linear
-    model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"]))
-    lora = model.base_model.model.proj
-    with torch.no_grad():
-        lora.lora_B["default"].weight.normal_(0.0, 0.02)
-    return lora
-
-
-def _copy(linear: nn.Linear) -> nn.Linear:
-    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-    out = out.to(device=linear.weight.device, dtype=linear.weight.dtype)
-    out.load_state_dict(linear.state_dict())
-    return out.requires_grad_(False)
 
 
 def _best_configs() -> dict:
@@ -95,11 +78,11 @@ def run(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
     scaling = shape["alpha"] / r
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
-    layer = nsru.NSRULinear.from_linear(_copy(linear), rank=r, alpha=shape["alpha"])
+    layer = nsru.NSRULinear.from_linear(copy_linear(linear), rank=r, alpha=shape["alpha"])
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)
     layer.set_retain_basis(torch.linalg.qr(torch.randn(k, k // 2, device=device))[0])
-    peft_layer = _peft_lora(_copy(linear), r, shape["alpha"])
+    peft_layer = peft_lora(copy_linear(linear), r, shape["alpha"])
 
     x = torch.randn(m, k, device=device, dtype=dtype)
     dy = torch.randn(m, n, device=device, dtype=dtype) / n**0.5
@@ -118,8 +101,8 @@ def run(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
         "  S = X Ã^T (skinny kernel)": lambda: _skinny_gemm(x, a_tilde, s, 1.0),
         "  fused GEMM alone": lambda: _fused_gemm(x, w, None, s, b, y, scaling),
         "NSRU reference forward (cuBLAS + torch)": lambda: lowrank_linear_forward_reference(x, w, None, a_tilde, b, scaling),
-        "NSRULinear forward (op, no grad)": lambda: _no_grad(layer, x),
-        "PEFT LoRA forward (no grad)": lambda: _no_grad(peft_layer, x),
+        "NSRULinear forward (op, no grad)": forward_step(layer, x),
+        "PEFT LoRA forward (no grad)": forward_step(peft_layer, x),
     }  # fmt: skip
     result["forward_ms"] = {name: bench(fn) for name, fn in forward.items()}
 
@@ -139,9 +122,8 @@ def run(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
     result["backward_ms"] = {name: bench(fn) for name, fn in backward.items()}
 
     # ---- forward + backward through the layers (dX always computed, as inside a network)
-    xg = x.clone().requires_grad_()
     layers = {"nn.Linear (frozen, cuBLAS)": linear, "NSRULinear (triton)": layer, "PEFT LoRA": peft_layer}
-    fwd_bwd = {name: _train_step(mod, xg, dy) for name, mod in layers.items()}
+    fwd_bwd = {name: train_step(mod, x, dy) for name, mod in layers.items()}
     result["forward+backward_ms"] = {name: bench(fn) for name, fn in fwd_bwd.items()}
     previous = os.environ.get("NSRU_BACKEND")
     os.environ["NSRU_BACKEND"] = "reference"
@@ -215,7 +197,7 @@ def run_tma(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
     m, k, n, r = shape["tokens"], shape["in_features"], shape["out_features"], shape["rank"]
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
-    layer = nsru.NSRULinear.from_linear(_copy(linear), rank=r, alpha=shape["alpha"])
+    layer = nsru.NSRULinear.from_linear(copy_linear(linear), rank=r, alpha=shape["alpha"])
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)
     x = torch.randn(m, k, device=device, dtype=dtype)
@@ -235,8 +217,7 @@ def run_tma(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
         "Y": float((y_tma.float() - y.float()).norm() / y.float().norm()),
         "dX": float((dx_tma.float() - dx.float()).norm() / dx.float().norm()),
     }
-    xg = x.clone().requires_grad_()
-    step = _train_step(layer, xg, dy)
+    step = train_step(layer, x, dy)
 
     def with_tma(fn):
         def run():
@@ -259,23 +240,6 @@ def run_tma(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
         "NSRULinear forward+backward, TMA kernels": bench(with_tma(step)),
     }  # fmt: skip
     return out
-
-
-def _no_grad(module, x):
-    with torch.no_grad():
-        return module(x)
-
-
-def _train_step(module: nn.Module, xg: torch.Tensor, dy: torch.Tensor):
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def step():
-        xg.grad = None
-        for p in params:
-            p.grad = None
-        module(xg).backward(dy)
-
-    return step
 
 
 def main(argv: list[str] | None = None) -> int:
