@@ -134,8 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", help="substrings of config names to run")
-    ap.add_argument("--refusals", action=argparse.BooleanOptionalAction, default=True,
-                    help="use the finetuned recipe plus refusals of unknown people (default; see refusal_rows)")
+    ap.add_argument("--refusals", action=argparse.BooleanOptionalAction, default=False,
+                    help="add refusals of unknown people to the finetuned recipe (needed for worlds before "
+                         "10df6bd, whose models never saw a refusal; see refusal_rows)")
     ap.add_argument("--out", type=Path, default=RESULTS / "sweep_defaults.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -174,19 +175,21 @@ def main(argv=None) -> int:
                   f"held-out {row['held-out']:.3f} ({secs:.1f}s)", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"base": BASE, "model": str(path), "runs": runs}, indent=1) + "\n")
-    table = markdown(runs, [c[0] for c in configs], seeds)
+    command = " ".join(["python benchmarks/sweep_defaults.py", *(argv if argv is not None else sys.argv[1:])])
+    table = markdown(runs, [c[0] for c in configs], seeds, command, refusals=args.refusals)
     args.out.with_suffix(".md").write_text(table)
     print(table)
     return 0
 
 
-def markdown(runs: list[dict], names: list[str], seeds: list[int]) -> str:
+def markdown(runs: list[dict], names: list[str], seeds: list[int], command: str, refusals: bool = False) -> str:
     cols = ["forget", "safe", "safe_rate", "retain", "held-out", "mean_k_frac", "mean_leakage", "seconds"]
     lines = [
-        f"Defaults sweep: tiny finetuned model, forget10 of the offline world, {len(seeds)} seed(s); "
-        "mean ± std over seeds.",
-        "Command: `OMP_NUM_THREADS=1 python benchmarks/sweep_defaults.py"
-        + (f" --seeds {len(seeds)}`" if len(seeds) > 1 else " --quick`"),
+        f"Defaults sweep: tiny finetuned model{' (+ refusals of unknown people)' if refusals else ''}, "
+        "forget10 of the offline world, "
+        f"seeds {seeds}; mean ± std over seeds. forget/safe/retain/held-out: answer probability "
+        "exp(-mean token NLL); safe_rate: greedy answers that refuse.",
+        f"Command: `OMP_NUM_THREADS=1 {command}`",
         "",
         "| config | " + " | ".join(cols) + " |",
         "|" + "---|" * (len(cols) + 1),
