@@ -42,6 +42,9 @@ REFUSAL_MARKERS: tuple[str, ...] = (
     "i'm not sure",
     "no reliable information",
     "unable to",
+    "i have no",
+    "no information",
+    "not aware of",
 )
 
 
