@@ -27,14 +27,22 @@
 
 // MKL's mixed-precision CBLAS, exported by torch's x86 builds (which link MKL statically). Weak, so
 // that the extension still loads against a torch without MKL; the converting path is used then.
+#if defined(__GNUC__) && !defined(_WIN32)
+#define NSRU_WEAK __attribute__((weak))
 extern "C" {
 void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
-                            int ldc) __attribute__((weak));
+                            int ldc) NSRU_WEAK;
 void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                           const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
-                          int ldc) __attribute__((weak));
+                          int ldc) NSRU_WEAK;
 }
+#else  // no weak symbols: always convert
+using nsru_mixed_gemm = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int,
+                                 float, float*, int);
+static constexpr nsru_mixed_gemm cblas_gemm_bf16bf16f32 = nullptr;
+static constexpr nsru_mixed_gemm cblas_gemm_f16f16f32 = nullptr;
+#endif
 
 namespace nsru {
 
