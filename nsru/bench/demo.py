@@ -32,6 +32,7 @@ REFERENCES = ("finetuned", "retain")
 # The unlearning budget every method gets (batch size and the rest: UnlearnConfig's defaults).
 STEPS = 60
 QUICK_STEPS = 20
+QUICK_STATS_EXAMPLES = 256
 LR = 3e-3
 KEYS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
         "hazard_acc", "benign_acc", "seconds")
@@ -111,6 +112,8 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
     for seed in range(seeds):
         for method in methods:
             common = dict(method=method, steps=n_steps, lr=lr, seed=seed, progress=False)
+            if quick:  # retain statistics and leakage over 256 of the 900 retain rows
+                common["stats_examples"] = QUICK_STATS_EXAMPLES
             t = time.perf_counter()
             model = unlearn(_load(ft_path), tok, sets["forget"], sets["retain"], **common).model
             tofu_s = time.perf_counter() - t
