@@ -47,11 +47,14 @@ BASE = dict(steps=60, batch_size=8, lr=1e-2, rank=8, alpha=16, energy=0.9, safe_
 CONFIGS: list[tuple[str, dict]] = [
     ("nsru base (τ 0.9, r 8, lr 1e-2, 60 steps, w 1/0.3/3)", {}),
     ("plain LoRA (project off)", {"project": False}),
+    ("τ 0.5", {"energy": 0.5}),
     ("τ 0.8", {"energy": 0.8}),
     ("τ 0.95", {"energy": 0.95}),
     ("τ 0.99", {"energy": 0.99}),
     ("rank 4", {"rank": 4, "alpha": 8}),
     ("lr 3e-3", {"lr": 3e-3}),
+    ("lr 3e-3, 180 steps", {"lr": 3e-3, "steps": 180}),
+    ("plain LoRA, lr 3e-3, 180 steps", {"lr": 3e-3, "steps": 180, "project": False}),
     ("30 steps", {"steps": 30}),
     ("plain LoRA, 30 steps", {"steps": 30, "project": False}),
     ("120 steps", {"steps": 120}),
@@ -134,6 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", help="substrings of config names to run")
+    ap.add_argument("--templates", choices=("world", "default"), default="world",
+                    help="safe-target templates: the refusals the world's target model learnt (default; a real "
+                         "LLM knows how to refuse, a tiny one only the phrasings it saw) or nsru's built-in ones")
     ap.add_argument("--refusals", action=argparse.BooleanOptionalAction, default=False,
                     help="add refusals of unknown people to the finetuned recipe (needed for worlds before "
                          "10df6bd, whose models never saw a refusal; see refusal_rows)")
@@ -146,7 +152,13 @@ def main(argv=None) -> int:
     forget = world.split("forget10")
     retain = world.split(world.retain_split_of("forget10"))
     sets = {"forget": forget, "retain": world.split("retain_perturbed"), "held-out": world.split("world_facts")}
-    safe_rows = [{"question": r["question"], "answer": t} for r, t in zip(forget, SafeTargets(seed=0).all(forget))]
+    templates = None
+    if args.templates == "world":
+        from nsru.bench.world import UNKNOWN_ANSWERS
+
+        templates = [t.replace("{name}", "{subject}") for t in UNKNOWN_ANSWERS]
+    targets = SafeTargets(templates, seed=0).all(forget)
+    safe_rows = [{"question": r["question"], "answer": t} for r, t in zip(forget, targets)]
 
     configs = [c for c in CONFIGS if not args.quick or c[0] in QUICK]
     if args.only:
@@ -160,7 +172,7 @@ def main(argv=None) -> int:
     for seed in seeds:
         for name, options in configs:
             model = copy.deepcopy(base_model)
-            opts = {**BASE, **options, "seed": seed, "progress": False}
+            opts = {**BASE, **options, "seed": seed, "progress": False, "templates": templates}
             t = time.perf_counter()
             result = nsru.unlearn(model, tok, forget=forget, retain=retain, **opts)
             secs = time.perf_counter() - t
@@ -176,17 +188,19 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"base": BASE, "model": str(path), "runs": runs}, indent=1) + "\n")
     command = " ".join(["python benchmarks/sweep_defaults.py", *(argv if argv is not None else sys.argv[1:])])
-    table = markdown(runs, [c[0] for c in configs], seeds, command, refusals=args.refusals)
+    table = markdown(runs, [c[0] for c in configs], seeds, command, refusals=args.refusals,
+                     templates=args.templates)
     args.out.with_suffix(".md").write_text(table)
     print(table)
     return 0
 
 
-def markdown(runs: list[dict], names: list[str], seeds: list[int], command: str, refusals: bool = False) -> str:
+def markdown(runs: list[dict], names: list[str], seeds: list[int], command: str, refusals: bool = False,
+             templates: str = "world") -> str:
     cols = ["forget", "safe", "safe_rate", "retain", "held-out", "mean_k_frac", "mean_leakage", "seconds"]
     lines = [
         f"Defaults sweep: tiny finetuned model{' (+ refusals of unknown people)' if refusals else ''}, "
-        "forget10 of the offline world, "
+        f"forget10 of the offline world, safe targets from the {templates} templates, "
         f"seeds {seeds}; mean ± std over seeds. forget/safe/retain/held-out: answer probability "
         "exp(-mean token NLL); safe_rate: greedy answers that refuse.",
         f"Command: `OMP_NUM_THREADS=1 {command}`",
