@@ -145,10 +145,10 @@ def _forget_weight(cfg) -> float:
 # NSRU
 
 
-# NSRU's loss weights from benchmarks/sweep_defaults.py (results/sweep_defaults.md): NPO sums
-# log-probabilities over the answer tokens, so at weight 1 it outweighs the per-token safe and
-# retain terms and costs held-out knowledge; 0.3 / 3 kept retain and held-out facts best at equal
-# forgetting.
+# NSRU's loss weights from benchmarks/sweep_defaults.py (results/sweep_defaults.md, 3 seeds): NPO
+# sums log-probabilities over the answer tokens, so at weight 1 it outweighs the per-token safe and
+# retain terms (held-out facts 0.28 vs 0.52 at 0.3); a retain weight of 1 instead of 3 costs as much
+# (retain 0.69 vs 0.81, held-out 0.26).
 NSRU_WEIGHTS = {"safe_weight": 1.0, "suppress_weight": 0.3, "retain_weight": 3.0}
 
 

@@ -108,6 +108,10 @@ class SafeTargets:
     ``templates``: a list or a file (see :func:`load_templates`); the defaults otherwise.
     ``name_subject``: whether templates with ``{subject}`` may be used (only for rows that have a
     ``subject``). Deterministic: the same seed, question and templates give the same target.
+
+    Choose templates the model can already say: teaching a phrasing it never produced moves far
+    more than the forget answers (measured on the offline world's tiny model: held-out facts 0.18
+    with these defaults, 0.55 with the refusals that model had learnt, same run otherwise).
     """
 
     def __init__(self, templates=None, seed: int = 0, name_subject: bool = True) -> None:
