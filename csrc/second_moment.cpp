@@ -5,8 +5,9 @@
 // the rest of the lower triangle is never touched), so a module costs about half a GEMM.
 // The panels of all modules form one task list that the threads drain largest first, each task
 // one single-threaded GEMM: many small modules keep every core busy, and the wide panels keep
-// each GEMM near peak. Measured on 2 Xeon (AVX-512) cores, 4096 tokens, fp32: panels of 256 rows
-// reach 1.6-1.7x a full addmm_ at width 1024-2048; 128-row panels lose GEMM efficiency.
+// each GEMM near peak. Measured on 2 busy Xeon (AVX-512) cores, 4096 tokens, fp32: panels of 256 rows
+// ran 1.4-1.7x a per-module addmm_ at width 1024-2048 (ideal: 1.6-1.8x); 128-row panels, or the
+// diagonal blocks split once more, lost as much GEMM efficiency as they saved work.
 //
 // bf16/fp16 inputs with an fp32 statistic go straight to MKL's mixed-precision GEMM
 // (bf16 x bf16 -> fp32, AMX on recent Xeons) when torch's MKL exports it; otherwise, and for
