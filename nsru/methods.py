@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nsru import objectives as obj
+from nsru.adapt import adapter_disabled
 
 ABLATIONS = ("safe", "suppress", "retain", "project")
 
@@ -46,8 +47,6 @@ class LossContext:
         if self.ref_model is not None:
             yield self.ref_model
             return
-        from nsru.adapt import adapter_disabled
-
         with adapter_disabled(self.model):
             yield self.model
 

@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nsru.adapt import apply_nsru, nsru_modules
+from nsru.adapter_init import init_adapters
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
 from nsru.methods import LossContext, Method, get_method, nsru_loss
 from nsru.safe_targets import SafeTargets
+from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
 from nsru.train import Stream, Trainer, dist_info, init_distributed_from_env
 
 
@@ -162,8 +165,6 @@ def unlearn(
         options["retain"] = retain
         retain = None
     cfg, m = resolve_config(method, config, options)
-    import nsru
-
     init_distributed_from_env()
     seed_everything(cfg.seed)
     if cfg.device is not None:
@@ -187,12 +188,12 @@ def unlearn(
     ref_model = None
     needs_ref = m.needs_reference or cfg.retain_loss == "kl"
     if cfg.finetune == "adapter":
-        adapters = nsru.nsru_modules(model)
+        adapters = nsru_modules(model)
         if not adapters:
             targets = cfg.target_modules
             if m.default_targets is not None and targets == "all-linear":
                 targets = m.default_targets(model, cfg)
-            adapters = nsru.apply_nsru(model, target_modules=targets, rank=cfg.rank, alpha=cfg.alpha)
+            adapters = apply_nsru(model, target_modules=targets, rank=cfg.rank, alpha=cfg.alpha)
         params = {}
         for name, layer in adapters.items():
             params[f"{name}.lora_A"] = layer.lora_A
@@ -211,16 +212,16 @@ def unlearn(
         if retain_ex is not None:
             stats_ex = retain_ex if cfg.stats_examples is None else retain_ex[: cfg.stats_examples]
             stat_batches = _stat_batches(stats_ex, "retain", pad_id, device)
-            moments = nsru.collect_second_moments(model, stat_batches, progress=False).all_reduce()
+            moments = collect_second_moments(model, stat_batches, progress=False).all_reduce()
             if cfg.project:
                 for name, C in ((n, moments[n]) for n in moments.names()):
                     if not torch.isfinite(C).all():
                         raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
                                                  "check the model's activations on the retain data")
-                subspaces = nsru.retain_subspaces(moments, energy=cfg.energy, rank=cfg.basis_rank,
+                subspaces = retain_subspaces(moments, energy=cfg.energy, rank=cfg.basis_rank,
                                                   threshold=cfg.threshold)
-                nsru.set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
-            leak = _mean_across_ranks(nsru.leakage(model, stat_batches, progress=False))
+                set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
+            leak = _mean_across_ranks(leakage(model, stat_batches, progress=False))
         else:
             leak = {n: 1.0 for n in adapters}
         for name, layer in adapters.items():
@@ -228,12 +229,10 @@ def unlearn(
 
     init_info: dict = {}
     if adapters:
-        from nsru.init import init_adapters
-
         forget_moments = None
         if cfg.init == "forget":
             fb = _stat_batches(forget_ex, "forget", pad_id, device)
-            forget_moments = nsru.collect_second_moments(model, fb, progress=False).all_reduce()
+            forget_moments = collect_second_moments(model, fb, progress=False).all_reduce()
         init_info = init_adapters(adapters, cfg.init, seed=cfg.seed, forget_moments=forget_moments)
 
     ctx = LossContext(model, cfg, ref_model=ref_model)
