@@ -12,7 +12,11 @@ from nsru.adapt import (
     save_adapter,
     unmerge_adapters,
 )
+from nsru.config import UnlearnConfig
+from nsru.data import QACollator, encode_qa, format_prompt, load_qa, load_text
 from nsru.layer import NSRULinear
+from nsru.methods import METHODS, get_method, register_method
+from nsru.safe_targets import SafeTargets, is_safe_response
 from nsru.subspace import (
     SecondMoments,
     collect_second_moments,
@@ -21,50 +25,41 @@ from nsru.subspace import (
     retain_subspaces,
     set_retain_bases,
 )
+from nsru.train import Trainer
+from nsru.unlearn import UnlearnResult, unlearn
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
     "NSRULinear",
+    "QACollator",
+    "SafeTargets",
     "SecondMoments",
+    "Trainer",
+    "UnlearnConfig",
+    "UnlearnResult",
     "adapter_disabled",
     "apply_nsru",
     "collect_second_moments",
+    "encode_qa",
     "find_target_modules",
+    "format_prompt",
+    "get_method",
+    "is_safe_response",
     "leakage",
     "load_adapter",
+    "load_qa",
+    "load_text",
     "merge_adapters",
     "merge_and_unload",
     "nsru_modules",
     "ops",
+    "register_method",
     "retain_bases",
     "retain_subspaces",
     "save_adapter",
     "set_retain_bases",
-    "unmerge_adapters",
-]
-
-# Issue 5: data, safe targets, objectives, methods, trainer and the one-call API.
-from nsru.config import UnlearnConfig  # noqa: E402
-from nsru.data import QACollator, encode_qa, format_prompt, load_qa, load_text  # noqa: E402
-from nsru.methods import METHODS, get_method, register_method  # noqa: E402
-from nsru.safe_targets import SafeTargets, is_safe_response  # noqa: E402
-from nsru.train import Trainer  # noqa: E402
-from nsru.unlearn import UnlearnResult, unlearn  # noqa: E402
-
-__all__ += [
-    "METHODS",
-    "QACollator",
-    "SafeTargets",
-    "Trainer",
-    "UnlearnConfig",
-    "UnlearnResult",
-    "encode_qa",
-    "format_prompt",
-    "get_method",
-    "is_safe_response",
-    "load_qa",
-    "load_text",
-    "register_method",
     "unlearn",
+    "unmerge_adapters",
 ]
