@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nsru.bench.models import ModelConfig, TrainConfig, default_threads, target_models
-from nsru.bench.world import WorldConfig, make_world
+from nsru.bench.world import UNKNOWN_ANSWERS, WorldConfig, make_world
 
 METHODS = (
     "nsru", "ga", "graddiff", "npo", "simnpo", "idkdpo", "rmu",
@@ -34,6 +34,9 @@ STEPS = 60
 QUICK_STEPS = 20
 QUICK_STATS_EXAMPLES = 256
 LR = 3e-3
+# Safe targets in the refusal wording the target models already use for people they do not know
+# (the sweep measured held-out 0.55 with these against 0.18 with wording the model never saw).
+SAFE_TEMPLATES = tuple(t.replace("{name}", "{subject}") for t in UNKNOWN_ANSWERS)
 KEYS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
         "hazard_acc", "benign_acc", "seconds")
 
@@ -111,7 +114,8 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
 
     for seed in range(seeds):
         for method in methods:
-            common = dict(method=method, steps=n_steps, lr=lr, seed=seed, progress=False)
+            common = dict(method=method, steps=n_steps, lr=lr, seed=seed, templates=list(SAFE_TEMPLATES),
+                          progress=False)
             if quick:  # retain statistics and leakage over 256 of the 900 retain rows
                 common["stats_examples"] = QUICK_STATS_EXAMPLES
             t = time.perf_counter()
