@@ -7,7 +7,7 @@ and v; gate and up) share one statistic. The retain basis holds the top eigenvec
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +87,34 @@ def _row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None
     return mask.reshape(-1)
 
 
+def _run_hooked(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    hooks: Mapping[nn.Module, Callable],
+    desc: str,
+    progress: bool,
+    before_forward: Callable[[Mapping], None],
+    after_forward: Callable[[], None] = lambda: None,
+) -> None:
+    """Forward every batch through the original model (eval mode, no gradients, adapters disabled)
+    with ``hooks`` installed as forward pre-hooks; the model's mode is restored afterwards."""
+    handles = [m.register_forward_pre_hook(h) for m, h in hooks.items()]
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), adapter_disabled(model):
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                batch = _to_device(batch, device)
+                before_forward(batch)
+                model(**batch)
+                after_forward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def collect_second_moments(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -107,8 +135,8 @@ def collect_second_moments(
         raise ValueError(f"{type(model).__name__} has no NSRU adapters; call nsru.apply_nsru() first")
     stats = into if into is not None else SecondMoments()
     device = _model_device(model)
-    state = {"mask": None, "seen": [], "pending": [], "bytes": 0, "done": set()}
-    first_batch = not stats.groups
+    # Groups (modules fed the very same tensor) are found on the first batch of a new collection.
+    state = {"mask": None, "seen": [], "pending": [], "bytes": 0, "done": set(), "grouping": not stats.groups}
 
     def flush() -> None:
         if state["pending"]:
@@ -120,7 +148,7 @@ def collect_second_moments(
     def hook(name: str):
         def pre_hook(module, args):
             x = args[0].detach()
-            if first_batch_now[0] and name not in stats.groups:
+            if state["grouping"] and name not in stats.groups:
                 key = next((k for k, t in state["seen"] if t is args[0]), None)
                 if key is None:
                     key = name
@@ -142,24 +170,17 @@ def collect_second_moments(
 
         return pre_hook
 
-    first_batch_now = [first_batch]
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), adapter_disabled(model):
-            for batch in tqdm(batches, desc="retain statistics", disable=not progress, leave=False):
-                batch = _to_device(batch, device)
-                state["mask"] = batch.get("attention_mask")
-                state["done"].clear()
-                model(**batch)
-                flush()
-                state["seen"].clear()
-                first_batch_now[0] = False
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    def before_forward(batch: Mapping) -> None:
+        state["mask"] = batch.get("attention_mask")
+        state["done"].clear()
+
+    def after_forward() -> None:
+        flush()
+        state["seen"].clear()
+        state["grouping"] = False
+
+    hooks = {m: hook(n) for n, m in modules.items()}
+    _run_hooked(model, batches, hooks, "retain statistics", progress, before_forward, after_forward)
     missing = [n for n in modules if n not in stats.groups]
     if missing:
         raise ValueError(
@@ -246,18 +267,6 @@ def leakage(
 
         return pre_hook
 
-    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), adapter_disabled(model):
-            for batch in tqdm(batches, desc="leakage", disable=not progress, leave=False):
-                batch = _to_device(batch, device)
-                current["mask"] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    hooks = {m: hook(n, m) for n, m in layers.items()}
+    _run_hooked(model, batches, hooks, "leakage", progress, lambda batch: current.__setitem__("mask", batch.get("attention_mask")))
     return {n: totals[n] / counts[n] if counts[n] else float("nan") for n in layers}
