@@ -25,7 +25,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if _want_cuda():
         cuda_sources = sorted(glob.glob("csrc/*.cu"))
         return CUDAExtension(
@@ -33,7 +33,7 @@ def _extension():
             cpp_sources + cuda_sources,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DNSRU_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DNSRU_WITH_CUDA"],
+                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-DNSRU_WITH_CUDA"],
             },
             extra_link_args=["-fopenmp"],
         )
