@@ -16,19 +16,19 @@ round (each round times every layer once), and summarised as the median of the p
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 SHAPE = {"tokens": 2048, "in_features": 1024, "out_features": 2816, "rank": 16, "alpha": 32}
-RESULTS = Path(__file__).parent / "results" / "layer_cpu.jsonl"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_record import RESULTS_DIR, append_run, run_header  # noqa: E402
+
+RESULTS = RESULTS_DIR / "layer_cpu.jsonl"
 TARGETS = {"forward": 1.05, "forward+backward": 1.10}  # NSRULinear / nn.Linear, issue 3
 
 
@@ -137,10 +137,8 @@ def measure(rounds: int = 15, threads: int = 2, bias: bool = True) -> dict:
     torch.set_num_threads(threads)
     layers = build_layers(bias=bias)
     result = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        **run_header(),
         "load_average_before": os.getloadavg()[0],
-        "torch": torch.__version__,
         "threads": threads,
         "rounds": rounds,
         "shape": dict(SHAPE, dtype="float32", bias=bias, basis_columns=layers["NSRULinear"].basis_rank),
@@ -178,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.rounds, args.threads, bias=not args.no_bias)
     print_table(result)
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_run(RESULTS, result)
     return 0
 
 

@@ -16,9 +16,7 @@ set of a fresh process at its peak during the call, after the inputs exist::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,10 @@ WIDTHS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET = 1.5
-RESULTS = Path(__file__).parent / "results" / "second_moment_cpu.jsonl"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_record import RESULTS_DIR, append_run, run_header  # noqa: E402
+
+RESULTS = RESULTS_DIR / "second_moment_cpu.jsonl"
 
 
 def make_case(widths: list[int], dtype: torch.dtype, seed: int = 0):
@@ -113,9 +114,7 @@ def peak_growth(impl: str, widths: str, dtype: str, threads: int) -> int:
 def measure(rounds: int, threads: int, cases: list[tuple[str, str]], memory: bool = True) -> dict:
     torch.set_num_threads(threads)
     result = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-        "torch": torch.__version__,
+        **run_header(),
         "threads": threads,
         "tokens": TOKENS,
         "rounds": rounds,
@@ -166,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.rounds, args.threads, cases, memory=not args.no_memory)
     print_table(result)
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_run(RESULTS, result)
     return 0
 
 

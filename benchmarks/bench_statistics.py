@@ -26,20 +26,20 @@ that more retain tokens amortise::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 CONFIG = {"hidden": 512, "intermediate": 1408, "layers": 4, "heads": 8, "vocab": 2048, "batch": 8, "seq": 256}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET = 0.30
-RESULTS = Path(__file__).parent / "results" / "statistics_cpu.jsonl"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_record import RESULTS_DIR, append_run, run_header  # noqa: E402
+
+RESULTS = RESULTS_DIR / "statistics_cpu.jsonl"
 
 
 def build(dtype: torch.dtype = torch.float32, batches: int = 8, seed: int = 0):
@@ -135,9 +135,7 @@ def measure(rounds: int, threads: int, dtype: str, batches: int) -> dict:
 
     tokens = int(sum(int(b["attention_mask"].sum()) for b in data))
     result = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-        "torch": torch.__version__,
+        **run_header(),
         "threads": threads,
         "rounds": rounds,
         "model": dict(CONFIG, dtype=dtype, batches=batches, tokens=tokens),
@@ -180,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.rounds, args.threads, args.dtype, args.batches)
     print_table(result)
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_run(RESULTS, result)
     return 0
 
 
