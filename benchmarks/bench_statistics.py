@@ -73,7 +73,7 @@ def build(dtype: torch.dtype = torch.float32, batches: int = 8, seed: int = 0):
 
 def step_fns(model, data, energy: float = 0.9) -> dict:
     import nsru
-    from nsru.adapt import adapter_disabled
+    from nsru.layer import adapter_disabled
 
     state = {}
 

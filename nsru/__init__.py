@@ -2,19 +2,17 @@
 
 from nsru import ops
 from nsru.adapt import (
-    adapter_disabled,
     apply_nsru,
     find_target_modules,
     load_adapter,
     merge_adapters,
     merge_and_unload,
-    nsru_modules,
     save_adapter,
     unmerge_adapters,
 )
 from nsru.config import UnlearnConfig
 from nsru.data import QACollator, encode_qa, format_prompt, load_qa, load_text
-from nsru.layer import NSRULinear
+from nsru.layer import NSRULinear, adapter_disabled, nsru_modules
 from nsru.methods import METHODS, get_method, register_method
 from nsru.safe_targets import SafeTargets, is_safe_response
 from nsru.subspace import (

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,18 +18,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nsru.layer import NSRULinear, is_linear
+from nsru.layer import NSRULinear, is_linear, nsru_modules
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "nsru-adapter"
 
 TargetModules = str | Sequence[str]
-
-
-def nsru_modules(model: nn.Module) -> dict[str, NSRULinear]:
-    """Every ``NSRULinear`` in ``model`` by its full name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NSRULinear)}
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -102,20 +96,6 @@ def apply_nsru(
         _set_submodule(model, name, layer)
         adapted[name] = layer
     return adapted
-
-
-@contextmanager
-def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block every ``NSRULinear`` acts as its base layer: the reference policy, no weight copy."""
-    layers = list(nsru_modules(model).values())
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer, was in zip(layers, previous):
-            layer.disabled = was
 
 
 def merge_adapters(model: nn.Module) -> None:

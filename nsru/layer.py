@@ -7,6 +7,8 @@ subspace, so for any input ``h`` in span(U) the layer's output is exactly the ba
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -158,3 +160,22 @@ class NSRULinear(nn.Module):
                 )
             self.retain_basis = torch.empty_like(incoming, dtype=torch.float32, device=self.retain_basis.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def nsru_modules(model: nn.Module) -> dict[str, NSRULinear]:
+    """Every ``NSRULinear`` in ``model`` by its full name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NSRULinear)}
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every ``NSRULinear`` acts as its base layer: the reference policy, no weight copy."""
+    layers = list(nsru_modules(model).values())
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was

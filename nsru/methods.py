@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nsru import objectives as obj
-from nsru.adapt import adapter_disabled
+from nsru.layer import adapter_disabled
 
 ABLATIONS = ("safe", "suppress", "retain", "project")
 

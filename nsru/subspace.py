@@ -15,8 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsru import ops
-from nsru.adapt import adapter_disabled, nsru_modules
-from nsru.layer import NSRULinear
+from nsru.layer import NSRULinear, adapter_disabled, nsru_modules
 
 DEFAULT_ENERGY = 0.9
 """Default energy fraction τ of the retain subspace (see DESIGN §1.4 and benchmarks/sweep_defaults.py)."""
@@ -134,7 +133,6 @@ def collect_second_moments(
     if not modules:
         raise ValueError(f"{type(model).__name__} has no NSRU adapters; call nsru.apply_nsru() first")
     stats = into if into is not None else SecondMoments()
-    device = _model_device(model)
     # Groups (modules fed the very same tensor) are found on the first batch of a new collection.
     state = {"mask": None, "seen": [], "pending": [], "bytes": 0, "done": set(), "grouping": not stats.groups}
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nsru.adapt import apply_nsru, nsru_modules
+from nsru.adapt import apply_nsru
+from nsru.layer import nsru_modules
 from nsru.adapter_init import init_adapters
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
