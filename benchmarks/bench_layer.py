@@ -40,7 +40,7 @@ def build_layers(bias: bool = True, basis_fraction: float = 0.5, seed: int = 0) 
     k, n, r = SHAPE["in_features"], SHAPE["out_features"], SHAPE["rank"]
     linear = nn.Linear(k, n, bias=bias).requires_grad_(False)
 
-    layer = nsru.NSRULinear.from_linear(copy_linear(linear), rank=r, alpha=SHAPE["alpha"])
+    layer = nsru.NSRULinear.from_linear(copy_linear(linear), r=r, alpha=SHAPE["alpha"])
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)  # a trained-looking B (zeros would be no different in cost)
     basis = torch.linalg.qr(torch.randn(k, int(k * basis_fraction)))[0]
@@ -141,7 +141,7 @@ def measure(rounds: int = 15, threads: int = 2, bias: bool = True) -> dict:
         "load_average_before": os.getloadavg()[0],
         "threads": threads,
         "rounds": rounds,
-        "shape": dict(SHAPE, dtype="float32", bias=bias, basis_columns=layers["NSRULinear"].basis_rank),
+        "shape": dict(SHAPE, dtype="float32", bias=bias, basis_columns=layers["NSRULinear"].k),
     }
     for mode in ("forward", "forward+backward"):
         result[mode] = interleaved_ratios(step_fns(layers, backward=mode != "forward"), rounds)

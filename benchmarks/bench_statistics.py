@@ -60,7 +60,7 @@ def build(dtype: torch.dtype = torch.float32, batches: int = 8, seed: int = 0):
         max_position_embeddings=c["seq"],
     )
     model = LlamaForCausalLM(config).to(dtype).eval()
-    nsru.apply_nsru(model, "all-linear", rank=8)
+    nsru.apply_nsru(model, "all-linear", r=8)
     g = torch.Generator().manual_seed(seed + 1)
     data = []
     for _ in range(batches):
@@ -88,7 +88,7 @@ def step_fns(model, data, energy: float = 0.9) -> dict:
     def update():
         if "stats" not in state:
             collect()
-        nsru.retain_subspaces(state["stats"], energy=energy)
+        nsru.retain_subspaces(state["stats"], energy)
 
     return {"forward": forward, "collect": collect, "update": update}
 

@@ -78,7 +78,7 @@ def run(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
     scaling = shape["alpha"] / r
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
-    layer = nsru.NSRULinear.from_linear(copy_linear(linear), rank=r, alpha=shape["alpha"])
+    layer = nsru.NSRULinear.from_linear(copy_linear(linear), r=r, alpha=shape["alpha"])
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)
     layer.set_retain_basis(torch.linalg.qr(torch.randn(k, k // 2, device=device))[0])
@@ -197,7 +197,7 @@ def run_tma(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
     m, k, n, r = shape["tokens"], shape["in_features"], shape["out_features"], shape["rank"]
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
-    layer = nsru.NSRULinear.from_linear(copy_linear(linear), rank=r, alpha=shape["alpha"])
+    layer = nsru.NSRULinear.from_linear(copy_linear(linear), r=r, alpha=shape["alpha"])
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)
     x = torch.randn(m, k, device=device, dtype=dtype)

@@ -41,17 +41,17 @@ from nsru.safe_targets import SafeTargets, is_safe_response
 
 RESULTS = Path(__file__).parent / "results"
 
-BASE = dict(steps=60, batch_size=8, lr=1e-2, rank=8, alpha=16, energy=0.9, safe_weight=1.0, suppress_weight=0.3,
+BASE = dict(steps=60, batch_size=8, lr=1e-2, r=8, alpha=16, subspace="energy=0.9", safe_weight=1.0, suppress_weight=0.3,
             retain_weight=3.0, init="random")
 
 CONFIGS: list[tuple[str, dict]] = [
     ("nsru base (τ 0.9, r 8, lr 1e-2, 60 steps, w 1/0.3/3)", {}),
     ("plain LoRA (project off)", {"project": False}),
-    ("τ 0.5", {"energy": 0.5}),
-    ("τ 0.8", {"energy": 0.8}),
-    ("τ 0.95", {"energy": 0.95}),
-    ("τ 0.99", {"energy": 0.99}),
-    ("rank 4", {"rank": 4, "alpha": 8}),
+    ("τ 0.5", {"subspace": "energy=0.5"}),
+    ("τ 0.8", {"subspace": "energy=0.8"}),
+    ("τ 0.95", {"subspace": "energy=0.95"}),
+    ("τ 0.99", {"subspace": "energy=0.99"}),
+    ("rank 4", {"r": 4, "alpha": 8}),
     ("lr 3e-3", {"lr": 3e-3}),
     ("lr 3e-3, 180 steps", {"lr": 3e-3, "steps": 180}),
     ("plain LoRA, lr 3e-3, 180 steps", {"lr": 3e-3, "steps": 180, "project": False}),

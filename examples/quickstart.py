@@ -29,13 +29,13 @@ def _model(path: str | None):
 
 def _unlearn(model, retain, forget, steps: int, project: bool, energy: float):
     """Gradient ascent on ``forget`` through NSRU adapters; returns the adapted model."""
-    layers = nsru.apply_nsru(model, target_modules="all-linear", rank=8, alpha=16)
+    layers = nsru.apply_nsru(model, target_modules="all-linear", r=8, alpha=16)
     if project:
         moments = nsru.collect_second_moments(model, retain, progress=False)
-        subspaces = nsru.retain_subspaces(moments, energy=energy)
+        subspaces = nsru.retain_subspaces(moments, energy)
         nsru.set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
         leak = nsru.leakage(model, retain, progress=False)
-        ranks = [s.rank for s in subspaces.values()]
+        ranks = [s.k for s in subspaces.values()]
         print(f"  adapted {len(layers)} modules; retain subspace ranks {min(ranks)}-{max(ranks)}; "
               f"mean leakage on retain data {sum(leak.values()) / len(leak):.3f}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

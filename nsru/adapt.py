@@ -71,13 +71,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_nsru(
     model: nn.Module,
     target_modules: TargetModules = "all-linear",
-    rank: int | dict[str, int] = 8,
+    r: int | dict[str, int] = 8,
     alpha: float | dict[str, float] = 16.0,
 ) -> dict[str, NSRULinear]:
     """Replace the selected linear modules of ``model`` by ``NSRULinear``, in place.
 
     Every parameter of ``model`` is frozen; only the adapters' ``lora_A``/``lora_B`` train.
-    ``rank`` and ``alpha`` may be dicts from module name to value (per-module rank selection).
+    ``r`` and ``alpha`` may be dicts from module name to value (per-module rank selection).
     Returns the new layers by name.
     """
     existing = nsru_modules(model)
@@ -90,9 +90,9 @@ def apply_nsru(
     model.requires_grad_(False)
     adapted = {}
     for name in names:
-        r = rank[name] if isinstance(rank, dict) else rank
+        rank = r[name] if isinstance(r, dict) else r
         a = alpha[name] if isinstance(alpha, dict) else alpha
-        layer = NSRULinear(model.get_submodule(name), rank=r, alpha=a, name=name)
+        layer = NSRULinear(model.get_submodule(name), r=rank, alpha=a, name=name)
         _set_submodule(model, name, layer)
         adapted[name] = layer
     return adapted
@@ -129,11 +129,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
         tensors[f"{name}.retain_basis"] = layer.retain_basis.detach().cpu().clone()  # q/k/v share one basis in memory
         modules[name] = {
-            "rank": layer.rank,
+            "r": layer.r,
             "alpha": layer.alpha,
             "in_features": layer.in_features,
             "out_features": layer.out_features,
-            "basis_rank": layer.basis_rank,
+            "k": layer.k,
         }
     config = {"format": ADAPTER_FORMAT, "version": 1, "base_model_class": type(model).__name__, "modules": modules}
     _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -190,7 +190,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULin
         layers = apply_nsru(
             model,
             target_modules=list(entries),
-            rank={n: int(e["rank"]) for n, e in entries.items()},
+            r={n: int(e["r"]) for n, e in entries.items()},
             alpha={n: float(e["alpha"]) for n, e in entries.items()},
         )
         layers = {n: layers[n] for n in entries}
@@ -199,7 +199,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULin
         if missing:
             raise ValueError(f"{folder}: adapter module {missing[0]!r} has no NSRULinear in the model "
                              f"(the model's adapters: {', '.join(list(layers)[:5])}...)")
-        shapes = {n: (layers[n].in_features, layers[n].out_features, layers[n].rank) for n in entries}
+        shapes = {n: (layers[n].in_features, layers[n].out_features, layers[n].r) for n in entries}
         _check_shapes(folder, entries, tensors, shapes)
     with torch.no_grad():
         for name, layer in layers.items():
@@ -221,8 +221,8 @@ def _shape_of(module: nn.Module) -> tuple[int, int, None]:
 
 def _check_shapes(folder: Path, entries: dict, tensors: dict, shapes: dict) -> None:
     for name, entry in entries.items():
-        in_f, out_f, rank = shapes[name]
-        r = int(entry["rank"]) if rank is None else rank
+        in_f, out_f, r = shapes[name]
+        r = int(entry["r"]) if r is None else r
         expected = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
         for part, shape in expected.items():
             key = f"{name}.{part}"
@@ -231,7 +231,7 @@ def _check_shapes(folder: Path, entries: dict, tensors: dict, shapes: dict) -> N
             if tuple(tensors[key].shape) != shape:
                 raise ValueError(
                     f"{folder / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensors[key].shape)} but module {name!r} "
-                    f"({in_f} -> {out_f}, rank {r}) needs {shape}"
+                    f"({in_f} -> {out_f}, r={r}) needs {shape}"
                 )
         basis = tensors.get(f"{name}.retain_basis")
         if basis is None or basis.dim() != 2 or basis.shape[0] != in_f or basis.shape[1] > in_f:

@@ -19,9 +19,9 @@ from nsru.layer import NSRULinear
 from nsru.ops import null_space_factor
 
 
-def _random_rows(rank: int, width: int, gen: torch.Generator) -> torch.Tensor:
+def _random_rows(r: int, width: int, gen: torch.Generator) -> torch.Tensor:
     bound = 1.0 / math.sqrt(width)
-    return (torch.rand(rank, width, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    return (torch.rand(r, width, generator=gen, dtype=torch.float32) * 2 - 1) * bound
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def init_adapters(
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in sorted(layers):
         layer = layers[name]
-        rows = _random_rows(layer.rank, layer.in_features, gen)
+        rows = _random_rows(layer.r, layer.in_features, gen)
         basis = layer.retain_basis.detach().cpu().to(torch.float32)
         info[name] = {}
         if mode == "forget":
@@ -63,7 +63,7 @@ def init_adapters(
                 cache[key] = (evals.flip(0), evecs.flip(1))
             evals, evecs = cache[key]
             total = float(evals.clamp_min(0).sum())
-            r = layer.rank
+            r = layer.r
             useful = int((evals[:r] > max(total, 1e-30) * 1e-6).sum()) if total > 0 else 0
             row_norm = 1.0 / math.sqrt(3.0)  # expected norm of a random row above
             if useful:

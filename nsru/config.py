@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsru.subspace import DEFAULT_ENERGY
+from nsru.ops.subspace_update import DEFAULT_RULE, SubspaceRule
 
 
 class ConfigError(ValueError):
@@ -47,12 +47,10 @@ class UnlearnConfig:
     # --- what is trained
     finetune: str = "adapter"  # adapter (NSRU/LoRA factors) | full (every parameter; baselines)
     target_modules: Any = "all-linear"  # PEFT semantics: list of names, regex, or "all-linear"
-    rank: int = 8
+    r: int = 8  # adapter rank (PEFT's name)
     alpha: float = 16.0
     init: str = "random"  # random (then projected) | forget (top-r eigvecs of P⊥ C_forget P⊥)
-    energy: float | None = DEFAULT_ENERGY  # τ: retain-subspace energy fraction
-    basis_rank: int | None = None  # fixed k instead of τ
-    threshold: float | None = None  # absolute eigenvalue threshold instead of τ
+    subspace: str = DEFAULT_RULE  # retain-subspace rule, e.g. "energy=0.9", "k=16", "tail=1e-3,min_null=8"
     stats_examples: int | None = None  # retain rows used for the statistics (None: all)
 
     # --- safe targets
@@ -102,8 +100,12 @@ class UnlearnConfig:
         need(self.init in ("random", "forget"), f"init must be 'random' or 'forget', got {self.init!r}")
         need(self.schedule in ("linear", "cosine", "constant"),
              f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        need(isinstance(self.rank, int) and self.rank >= 1, f"rank must be a positive integer, got {self.rank!r}")
-        need(self.energy is None or 0.0 < self.energy <= 1.0, f"energy must be in (0, 1], got {self.energy!r}")
+        need(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
+             f"r (the adapter rank) must be a positive integer, got {self.r!r}")
+        try:
+            self.subspace = str(SubspaceRule.parse(self.subspace))
+        except ValueError as e:
+            raise ConfigError(f"subspace: {e}") from None
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
         need(self.steps >= 1, f"steps must be at least 1, got {self.steps!r}")
         need(self.lr > 0, f"lr must be positive, got {self.lr!r}")
@@ -112,6 +114,10 @@ class UnlearnConfig:
             value = getattr(self, name)
             need(value is None or value >= 0, f"{name} must be >= 0, got {value!r}")
         need(self.beta > 0 and self.simnpo_beta > 0, "beta and simnpo_beta must be positive")
+
+    @property
+    def subspace_rule(self) -> SubspaceRule:
+        return SubspaceRule.parse(self.subspace)
 
     @classmethod
     def fields(cls) -> list[str]:

@@ -36,7 +36,7 @@ class NSRULinear(nn.Module):
     buffer. ``B`` starts at zero so the layer starts equal to its base.
     """
 
-    def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16.0, name: str = "") -> None:
+    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16.0, name: str = "") -> None:
         super().__init__()
         if not is_linear(base_layer):
             raise TypeError(f"NSRULinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__} at {name or '?'}")
@@ -44,11 +44,11 @@ class NSRULinear(nn.Module):
         weight = base_layer.weight
         out_features, in_features = (weight.shape[1], weight.shape[0]) if self._transposed else weight.shape
         where = f"module {name!r}" if name else "the module"
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r} for {where}")
-        if rank > min(in_features, out_features):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"adapter rank r must be a positive integer, got {r!r} for {where}")
+        if r > min(in_features, out_features):
             raise ValueError(
-                f"rank {rank} is larger than {where} allows: it maps {in_features} -> {out_features} features, "
+                f"adapter rank r={r} is larger than {where} allows: it maps {in_features} -> {out_features} features, "
                 f"so the rank can be at most {min(in_features, out_features)}"
             )
         base_layer.requires_grad_(False)
@@ -56,20 +56,20 @@ class NSRULinear(nn.Module):
         self.name = name
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.rank = rank
+        self.r = r
         self.alpha = float(alpha)
-        self.scaling = self.alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=weight.device))
+        self.scaling = self.alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=torch.float32, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.register_buffer("retain_basis", torch.zeros(in_features, 0, dtype=torch.float32, device=weight.device))
         self.merged = False
         self.disabled = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, rank: int = 8, alpha: float = 16.0, name: str = "") -> NSRULinear:
+    def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16.0, name: str = "") -> NSRULinear:
         """Wrap ``linear``; the result's outputs equal ``linear``'s until ``lora_B`` is trained."""
-        return cls(linear, rank=rank, alpha=alpha, name=name)
+        return cls(linear, r=r, alpha=alpha, name=name)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -82,13 +82,14 @@ class NSRULinear(nn.Module):
         return self.base_layer.bias
 
     @property
-    def basis_rank(self) -> int:
+    def k(self) -> int:
+        """Size of the retain basis (its columns)."""
         return self.retain_basis.shape[1]
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"alpha={self.alpha:g}, basis_rank={self.basis_rank}, merged={self.merged}"
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, k={self.k}, merged={self.merged}"
         )
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from nsru import objectives as obj
 from nsru.layer import adapter_disabled
 
 ABLATIONS = ("safe", "suppress", "retain", "project")
+WEIGHTS = ("safe_weight", "suppress_weight", "retain_weight")
 
 
 class LossContext:
@@ -37,6 +38,7 @@ class LossContext:
         self.model = model
         self.config = config
         self.ref_model = ref_model
+        self.weights = get_method(config.method).weights(config)
         self.state: dict = {}
 
     def forward(self, batch: Mapping[str, torch.Tensor], **kwargs):
@@ -71,7 +73,16 @@ class Method:
     setup: Callable | None = None  # setup(ctx, batches) once before training (e.g. RMU's control)
     default_targets: Callable | None = None  # default_targets(model, config) -> target_modules
     overrides: dict = field(default_factory=dict)  # switches forced by an ablation name
-    defaults: dict = field(default_factory=dict)  # option values used where the user left None
+    defaults: dict = field(default_factory=dict)  # loss weights used where the user left None
+    safe_when: Callable | None = None  # safe_when(config): whether safe targets are needed (None: needs_safe)
+
+    def weights(self, config) -> dict[str, float]:
+        """The loss weights: the config's where set, this method's defaults elsewhere (else 1)."""
+        return {n: getattr(config, n) if getattr(config, n) is not None else self.defaults.get(n, 1.0)
+                for n in WEIGHTS}
+
+    def wants_safe_targets(self, config) -> bool:
+        return self.needs_safe and (self.safe_when is None or bool(self.safe_when(config)))
 
 
 METHODS: dict[str, Method] = {}
@@ -131,15 +142,6 @@ def _retain_term(ctx: LossContext, batch: dict):
     raise ValueError(f"retain_loss must be 'nll' or 'kl', got {cfg.retain_loss!r}")
 
 
-def _w(value, default: float = 1.0) -> float:
-    """A loss weight; ``None`` (not resolved by ``nsru.unlearn``) means the method's default."""
-    return default if value is None else value
-
-
-def _forget_weight(cfg) -> float:
-    return _w(cfg.suppress_weight)
-
-
 # --------------------------------------------------------------------------------------------
 # NSRU
 
@@ -152,7 +154,7 @@ NSRU_WEIGHTS = {"safe_weight": 1.0, "suppress_weight": 0.3, "retain_weight": 3.0
 
 
 @register_method("nsru", project=True, needs_safe=True, needs_reference=True, defaults=NSRU_WEIGHTS,
-                 description="safe-target CE + suppression (NPO) + retention, null-space projected LoRA")
+                 safe_when=lambda cfg: cfg.safe or cfg.suppress_loss == "dpo", description="safe-target CE + suppression (NPO) + retention, null-space projected LoRA")
 def nsru_loss(ctx: LossContext, batch: dict) -> dict:
     cfg = ctx.config
     terms = {}
@@ -183,8 +185,8 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
         terms["retain"] = ret
     if not terms:
         raise ValueError("every NSRU loss term is switched off (safe, suppress and retain); nothing to train")
-    return _weighted(terms, {key: _w(getattr(cfg, f"{name}_weight"), NSRU_WEIGHTS[f"{name}_weight"])
-                             for key, name in (("safe", "safe"), ("forget", "suppress"), ("retain", "retain"))})
+    w = ctx.weights
+    return _weighted(terms, {"safe": w["safe_weight"], "forget": w["suppress_weight"], "retain": w["retain_weight"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,20 +194,19 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
 
 
 def _with_retain(ctx, batch, forget_term, forget_weight=None) -> dict:
-    cfg = ctx.config
     terms = {"forget": forget_term}
     ret = _retain_term(ctx, batch)
     if ret is not None:
         terms["retain"] = ret
-    w = _forget_weight(cfg) if forget_weight is None else forget_weight
-    return _weighted(terms, {"forget": w, "retain": _w(cfg.retain_weight)})
+    w = ctx.weights["suppress_weight"] if forget_weight is None else forget_weight
+    return _weighted(terms, {"forget": w, "retain": ctx.weights["retain_weight"]})
 
 
 @register_method("ga", needs_retain=False, description="gradient ascent on the forget answers")
 def ga_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
     term = obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"])
-    return _weighted({"forget": term}, {"forget": _forget_weight(ctx.config)})
+    return _weighted({"forget": term}, {"forget": ctx.weights["suppress_weight"]})
 
 
 @register_method("graddiff", description="gradient ascent on forget + NLL on retain")
@@ -228,7 +229,7 @@ def simnpo_method_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
     logp, n = _seq_logp(ctx.forward(forget), forget)
     term = obj.simnpo_loss(logp, n, cfg.simnpo_beta, cfg.simnpo_delta)
-    return _with_retain(ctx, batch, term, forget_weight=cfg.simnpo_gamma * _w(cfg.suppress_weight))
+    return _with_retain(ctx, batch, term, forget_weight=cfg.simnpo_gamma * ctx.weights["suppress_weight"])
 
 
 @register_method("idkdpo", needs_safe=True, needs_reference=True,
@@ -313,5 +314,5 @@ def rmu_loss(ctx: LossContext, batch: dict) -> dict:
         h_r = _hidden(ctx.forward(retain, output_hidden_states=True), layer)
         h_ref = _hidden(ctx.ref_forward(retain, output_hidden_states=True), layer)
         terms["retain"] = obj.rmu_retain_loss(h_r, h_ref, retain["attention_mask"])
-    return _weighted(terms, {"forget": _forget_weight(cfg), "retain": _w(cfg.retain_weight)})
+    return _weighted(terms, {"forget": ctx.weights["suppress_weight"], "retain": ctx.weights["retain_weight"]})
 

@@ -17,9 +17,6 @@ from tqdm.auto import tqdm
 from nsru import ops
 from nsru.layer import NSRULinear, adapter_disabled, nsru_modules
 
-DEFAULT_ENERGY = 0.9
-"""Default energy fraction τ of the retain subspace (see DESIGN §1.4 and benchmarks/sweep_defaults.py)."""
-
 _FLUSH_BYTES = 256 * 2**20
 
 
@@ -189,36 +186,22 @@ def collect_second_moments(
 
 
 def retain_subspaces(
-    moments: SecondMoments,
-    *,
-    energy: float | None = None,
-    rank: int | None = None,
-    threshold: float | None = None,
+    moments: SecondMoments, rule: ops.SubspaceRule | str | float = ops.DEFAULT_RULE
 ) -> dict[str, ops.Subspace]:
-    """The retain subspace of every module (one eigendecomposition per group of modules).
-
-    Choose the rank by ``energy`` (fraction τ of the trace, default ``DEFAULT_ENERGY``), a fixed
-    ``rank`` or an absolute eigenvalue ``threshold`` on the normalised statistic.
-    """
-    if energy is None and rank is None and threshold is None:
-        energy = DEFAULT_ENERGY
+    """The retain subspace of every module (one eigendecomposition per group of modules), sized
+    by ``rule`` (:class:`nsru.ops.SubspaceRule` or its string, e.g. ``"energy=0.9"``)."""
     keys = list(moments.sums)
     normalised = [moments.sums[k] / max(float(moments.tokens[k]), 1.0) for k in keys]
-    found = ops.subspace_update(normalised, energy=energy, rank=rank, threshold=threshold)
+    found = ops.subspace_update(normalised, rule)
     by_key = dict(zip(keys, found))
     return {name: by_key[key] for name, key in moments.groups.items()}
 
 
 def retain_bases(
-    moments: SecondMoments,
-    *,
-    energy: float | None = None,
-    rank: int | None = None,
-    threshold: float | None = None,
+    moments: SecondMoments, rule: ops.SubspaceRule | str | float = ops.DEFAULT_RULE
 ) -> dict[str, torch.Tensor]:
     """``{module name: U}`` with ``U`` of shape ``(in, k)``; see :func:`retain_subspaces`."""
-    subspaces = retain_subspaces(moments, energy=energy, rank=rank, threshold=threshold)
-    return {name: s.basis for name, s in subspaces.items()}
+    return {name: s.basis for name, s in retain_subspaces(moments, rule).items()}
 
 
 def set_retain_bases(model: nn.Module, bases: Mapping[str, torch.Tensor]) -> None:

@@ -375,7 +375,7 @@ class Trainer:
     def _reproject(self) -> None:
         """Keep ``lora_A`` in the null space (AdamW's per-element scaling would otherwise let it
         drift into span(U); harmless for the output, since Ã projects, but wasteful)."""
-        layers = [m for m in self.adapters.values() if m.basis_rank]
+        layers = [m for m in self.adapters.values() if m.k]
         if layers:
             from nsru.ops import project_rows_
 

@@ -26,7 +26,7 @@ from nsru.layer import nsru_modules
 from nsru.adapter_init import init_adapters
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
-from nsru.methods import LossContext, Method, get_method, nsru_loss
+from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
 from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
 from nsru.train import Stream, Trainer, dist_info, init_distributed_from_env
@@ -84,9 +84,7 @@ def resolve_config(method: str | None, config: UnlearnConfig | Mapping | None, o
     changes = dict(m.overrides)
     if cfg.project is None and "project" not in changes:
         changes["project"] = m.project
-    for name in ("safe_weight", "suppress_weight", "retain_weight"):
-        if getattr(cfg, name) is None:
-            changes[name] = m.defaults.get(name, 1.0)
+    changes.update(m.weights(cfg))
     return (cfg.replace(**changes) if changes else cfg), m
 
 
@@ -96,12 +94,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _encode_forget(rows, tokenizer, cfg, method: Method) -> tuple[list[dict], list[str] | None]:
+def _encode_forget(rows, tokenizer, cfg, method: Method) -> list[dict]:
     qa = is_qa(rows)
-    # NSRU (and its ablations) need the safe targets for L_safe or as DPO's chosen answer;
-    # other methods that ask for them (IdkDPO) always use them.
-    uses_nsru_loss = method.loss is nsru_loss
-    wants_safe = method.needs_safe and qa and (not uses_nsru_loss or cfg.safe or cfg.suppress_loss == "dpo")
+    wants_safe = qa and method.wants_safe_targets(cfg)
     targets = SafeTargets(cfg.templates, seed=cfg.seed, name_subject=cfg.name_subject).all(rows) if wants_safe else None
     out = []
     for i, row in enumerate(rows):
@@ -112,7 +107,7 @@ def _encode_forget(rows, tokenizer, cfg, method: Method) -> tuple[list[dict], li
         else:
             ex = {"forget": encode_text(tokenizer, row["text"], cfg.max_length)}
         out.append(ex)
-    return out, targets
+    return out
 
 
 def _encode_retain(rows, tokenizer, cfg) -> list[dict]:
@@ -182,7 +177,7 @@ def unlearn(
         if cfg.finetune == "adapter" and cfg.project:
             raise ValueError("the null-space projection needs retain data for its statistics; pass retain=... "
                              "or project=False (plain LoRA)")
-    forget_ex, _ = _encode_forget(forget_rows, tokenizer, cfg, m)
+    forget_ex = _encode_forget(forget_rows, tokenizer, cfg, m)
     retain_ex = _encode_retain(retain_rows, tokenizer, cfg) if retain_rows is not None else None
 
     adapters: dict = {}
@@ -194,7 +189,7 @@ def unlearn(
             targets = cfg.target_modules
             if m.default_targets is not None and targets == "all-linear":
                 targets = m.default_targets(model, cfg)
-            adapters = apply_nsru(model, target_modules=targets, rank=cfg.rank, alpha=cfg.alpha)
+            adapters = apply_nsru(model, target_modules=targets, r=cfg.r, alpha=cfg.alpha)
         params = {}
         for name, layer in adapters.items():
             params[f"{name}.lora_A"] = layer.lora_A
@@ -209,6 +204,7 @@ def unlearn(
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     bases_info: dict[str, dict] = {}
+    subspaces: dict = {}
     if adapters:
         if retain_ex is not None:
             stats_ex = retain_ex if cfg.stats_examples is None else retain_ex[: cfg.stats_examples]
@@ -219,14 +215,14 @@ def unlearn(
                     if not torch.isfinite(C).all():
                         raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
                                                  "check the model's activations on the retain data")
-                subspaces = retain_subspaces(moments, energy=cfg.energy, rank=cfg.basis_rank,
-                                                  threshold=cfg.threshold)
+                subspaces = retain_subspaces(moments, cfg.subspace_rule)
                 set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
             leak = _mean_across_ranks(leakage(model, stat_batches, progress=False))
         else:
             leak = {n: 1.0 for n in adapters}
         for name, layer in adapters.items():
-            bases_info[name] = {"k": layer.basis_rank, "in_features": layer.in_features, "leakage": leak[name]}
+            bases_info[name] = {"k": layer.k, "in_features": layer.in_features, "leakage": leak[name],
+                                "capped": bool(cfg.project and subspaces[name].capped)}
 
     init_info: dict = {}
     if adapters:

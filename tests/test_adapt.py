@@ -28,7 +28,7 @@ def _logits(model, batch):
 def test_identical_logits_right_after_apply(tiny_model):
     batch = token_batches(1)[0]
     before = _logits(tiny_model, batch)
-    adapted = nsru.apply_nsru(tiny_model, target_modules="all-linear", rank=4, alpha=8)
+    adapted = nsru.apply_nsru(tiny_model, target_modules="all-linear", r=4, alpha=8)
     assert adapted and all(isinstance(m, nsru.NSRULinear) for m in adapted.values())
     torch.testing.assert_close(_logits(tiny_model, batch), before, rtol=0, atol=0)
     trainable = [n for n, p in tiny_model.named_parameters() if p.requires_grad]
@@ -54,15 +54,15 @@ def test_targets_matching_nothing_list_what_exists():
 
 def test_applying_twice_is_an_error():
     model = tiny_llama()
-    nsru.apply_nsru(model, rank=2)
+    nsru.apply_nsru(model, r=2)
     with pytest.raises(ValueError, match="already has"):
-        nsru.apply_nsru(model, rank=2)
+        nsru.apply_nsru(model, r=2)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_module_outputs_inside_span_equal_base_outputs(make):
     model = make()
-    layers = nsru.apply_nsru(model, rank=4, alpha=8)
+    layers = nsru.apply_nsru(model, r=4, alpha=8)
     g = torch.Generator().manual_seed(3)
     for layer in layers.values():
         k = layer.in_features // 2
@@ -85,9 +85,9 @@ def test_retain_data_logits_unchanged_end_to_end():
     retain = {"input_ids": torch.tensor([[5, 17, 33, 2, 9, 41]]), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     other = token_batches(1, seed=7)[0]
     base_retain, base_other = _logits(model, retain), _logits(model, other)
-    nsru.apply_nsru(model, rank=4, alpha=8)
+    nsru.apply_nsru(model, r=4, alpha=8)
     moments = nsru.collect_second_moments(model, [retain], dtype=torch.float64, progress=False)
-    bases = nsru.retain_bases(moments, energy=1 - 1e-9)
+    bases = nsru.retain_bases(moments, 1 - 1e-9)
     assert all(0 < u.shape[1] <= 6 for u in bases.values())
     nsru.set_retain_bases(model, bases)
     _randomise_all(model, scale=0.02)
@@ -98,9 +98,9 @@ def test_retain_data_logits_unchanged_end_to_end():
 
 def test_lora_A_gradients_stay_in_null_space():
     model = tiny_llama()
-    nsru.apply_nsru(model, rank=4, alpha=8)
+    nsru.apply_nsru(model, r=4, alpha=8)
     moments = nsru.collect_second_moments(model, token_batches(2), progress=False)
-    nsru.set_retain_bases(model, nsru.retain_bases(moments, energy=0.8))
+    nsru.set_retain_bases(model, nsru.retain_bases(moments, "energy=0.8"))
     _randomise_all(model)
     batch = token_batches(1, seed=5)[0]
     model(**batch, labels=batch["input_ids"]).loss.backward()
@@ -113,7 +113,7 @@ def test_lora_A_gradients_stay_in_null_space():
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_merged_and_unmerged_logits_agree(make):
     model = make()
-    nsru.apply_nsru(model, rank=4, alpha=8)
+    nsru.apply_nsru(model, r=4, alpha=8)
     _randomise_all(model)
     batch = token_batches(1)[0]
     unmerged = _logits(model, batch)
@@ -133,7 +133,7 @@ def test_adapter_disabled_gives_the_original_model():
     model = tiny_llama()
     batch = token_batches(1)[0]
     original = _logits(model, batch)
-    nsru.apply_nsru(model, rank=4)
+    nsru.apply_nsru(model, r=4)
     _randomise_all(model)
     assert not torch.allclose(_logits(model, batch), original)
     with nsru.adapter_disabled(model):
@@ -144,9 +144,9 @@ def test_adapter_disabled_gives_the_original_model():
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_save_and_load_into_a_fresh_model(make, tmp_path):
     model = make()
-    nsru.apply_nsru(model, target_modules="all-linear", rank=4, alpha=8)
+    nsru.apply_nsru(model, target_modules="all-linear", r=4, alpha=8)
     moments = nsru.collect_second_moments(model, token_batches(2), progress=False)
-    nsru.set_retain_bases(model, nsru.retain_bases(moments, energy=0.9))
+    nsru.set_retain_bases(model, nsru.retain_bases(moments, "energy=0.9"))
     _randomise_all(model)
     batch = token_batches(1, seed=9)[0]
     expected = _logits(model, batch)
@@ -160,7 +160,7 @@ def test_save_and_load_into_a_fresh_model(make, tmp_path):
 
 def test_adapter_with_wrong_shapes_is_refused_and_model_untouched(tmp_path):
     small = tiny_llama()
-    nsru.apply_nsru(small, rank=4)
+    nsru.apply_nsru(small, r=4)
     nsru.save_adapter(small, tmp_path / "a")
     wider = tiny_llama(hidden_size=48, intermediate_size=64)
     batch = token_batches(1)[0]
@@ -173,7 +173,7 @@ def test_adapter_with_wrong_shapes_is_refused_and_model_untouched(tmp_path):
 
 def test_adapter_config_that_is_not_json_names_the_file(tmp_path):
     model = tiny_llama()
-    nsru.apply_nsru(model, rank=2)
+    nsru.apply_nsru(model, r=2)
     nsru.save_adapter(model, tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text('{"format": "nsru-adapter",\n oops}')
     with pytest.raises(ValueError, match=r"adapter_config.json: not valid JSON \(line 2\)"):
@@ -187,7 +187,7 @@ def test_adapter_config_that_is_not_json_names_the_file(tmp_path):
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_generate_works_on_adapted_model(make):
     model = make()
-    nsru.apply_nsru(model, rank=4)
+    nsru.apply_nsru(model, r=4)
     _randomise_all(model)
     out = model.generate(torch.tensor([[3, 4, 5]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
                          max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -199,7 +199,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         model = tiny_llama()
-        nsru.apply_nsru(model, rank=4)
+        nsru.apply_nsru(model, r=4)
         _randomise_all(model)
         model.train()
         if checkpointing:
@@ -212,7 +212,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_torch_compile_runs_on_adapted_model():
     model = tiny_llama(num_hidden_layers=1)
-    nsru.apply_nsru(model, rank=4)
+    nsru.apply_nsru(model, r=4)
     _randomise_all(model)
     batch = token_batches(1)[0]
     eager = _logits(model, batch)

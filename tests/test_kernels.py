@@ -276,7 +276,7 @@ def test_lowrank_linear_triton_matches_reference_with_gradients(dtype, basis, bi
 def test_nsru_linear_triton_matches_reference(dtype, monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 36).to(device=DEVICE, dtype=dtype)
-    layer = nsru.NSRULinear.from_linear(linear, rank=16, alpha=32)
+    layer = nsru.NSRULinear.from_linear(linear, r=16, alpha=32)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1)
     layer.set_retain_basis(_orthonormal(48, 12, seed=4))

@@ -24,7 +24,7 @@ def _randomise(layer: NSRULinear, seed: int = 1) -> None:
 
 def test_starts_equal_to_base():
     linear = nn.Linear(24, 40)
-    layer = NSRULinear.from_linear(copy.deepcopy(linear), rank=4, alpha=8)
+    layer = NSRULinear.from_linear(copy.deepcopy(linear), r=4, alpha=8)
     x = torch.randn(3, 5, 24)
     torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0)
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
@@ -34,7 +34,7 @@ def test_starts_equal_to_base():
 @pytest.mark.parametrize("k", [0, 1, 10, 24])
 def test_inputs_in_retain_span_are_untouched(k):
     linear = nn.Linear(24, 40)
-    layer = NSRULinear.from_linear(copy.deepcopy(linear), rank=8, alpha=16)
+    layer = NSRULinear.from_linear(copy.deepcopy(linear), r=8, alpha=16)
     u = _basis(24, k)
     layer.set_retain_basis(u)
     _randomise(layer)
@@ -47,7 +47,7 @@ def test_inputs_in_retain_span_are_untouched(k):
 
 
 def test_lora_A_gradient_has_no_component_in_span():
-    layer = NSRULinear.from_linear(nn.Linear(16, 12), rank=3, alpha=3)
+    layer = NSRULinear.from_linear(nn.Linear(16, 12), r=3, alpha=3)
     u = _basis(16, 6)
     layer.set_retain_basis(u)
     _randomise(layer)
@@ -60,7 +60,7 @@ def test_lora_A_gradient_has_no_component_in_span():
 def test_matches_explicit_formula_and_autograd():
     torch.manual_seed(0)
     linear = nn.Linear(16, 12)
-    layer = NSRULinear.from_linear(copy.deepcopy(linear), rank=4, alpha=6)
+    layer = NSRULinear.from_linear(copy.deepcopy(linear), r=4, alpha=6)
     u = _basis(16, 5)
     layer.set_retain_basis(u)
     _randomise(layer)
@@ -84,7 +84,7 @@ def test_matches_explicit_formula_and_autograd():
 def test_merge_unmerge_round_trip(dtype):
     linear = nn.Linear(32, 20).to(dtype)
     original = linear.weight.detach().clone()
-    layer = NSRULinear.from_linear(linear, rank=4, alpha=8)
+    layer = NSRULinear.from_linear(linear, r=4, alpha=8)
     layer.set_retain_basis(_basis(32, 8))
     _randomise(layer)
     x = torch.randn(6, 32).to(dtype)
@@ -101,7 +101,7 @@ def test_merge_unmerge_round_trip(dtype):
 def test_disabled_while_merged_gives_base_output():
     linear = nn.Linear(16, 8)
     reference = copy.deepcopy(linear)
-    layer = NSRULinear.from_linear(linear, rank=2, alpha=2)
+    layer = NSRULinear.from_linear(linear, r=2, alpha=2)
     _randomise(layer)
     x = torch.randn(4, 16)
     layer.merge()
@@ -112,7 +112,7 @@ def test_disabled_while_merged_gives_base_output():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_base_with_fp32_adapter(dtype):
     linear = nn.Linear(32, 24).to(dtype)
-    layer = NSRULinear.from_linear(linear, rank=4, alpha=8)
+    layer = NSRULinear.from_linear(linear, r=4, alpha=8)
     _randomise(layer)
     x = torch.randn(3, 32, dtype=dtype, requires_grad=True)
     y = layer(x)
@@ -129,7 +129,7 @@ def test_conv1d_is_wrapped_with_its_transposed_weight():
 
     conv = Conv1D(nf=12, nx=20)
     nn.init.normal_(conv.weight)
-    layer = NSRULinear.from_linear(copy.deepcopy(conv), rank=3, alpha=3)
+    layer = NSRULinear.from_linear(copy.deepcopy(conv), r=3, alpha=3)
     assert (layer.in_features, layer.out_features) == (20, 12)
     x = torch.randn(2, 5, 20)
     torch.testing.assert_close(layer(x), conv(x))
@@ -141,30 +141,30 @@ def test_conv1d_is_wrapped_with_its_transposed_weight():
 
 
 def test_state_dict_round_trip_with_other_basis_rank():
-    src = NSRULinear.from_linear(nn.Linear(16, 8), rank=2, alpha=4)
+    src = NSRULinear.from_linear(nn.Linear(16, 8), r=2, alpha=4)
     src.set_retain_basis(_basis(16, 5))
     _randomise(src)
-    dst = NSRULinear.from_linear(copy.deepcopy(src.base_layer), rank=2, alpha=4)
+    dst = NSRULinear.from_linear(copy.deepcopy(src.base_layer), r=2, alpha=4)
     dst.load_state_dict(src.state_dict())
     x = torch.randn(3, 16)
     torch.testing.assert_close(dst(x), src(x))
-    assert dst.basis_rank == 5
+    assert dst.k == 5
 
 
 def test_to_moves_adapter_and_basis():
-    layer = NSRULinear.from_linear(nn.Linear(8, 8), rank=2)
+    layer = NSRULinear.from_linear(nn.Linear(8, 8), r=2)
     layer.set_retain_basis(_basis(8, 3))
     layer = layer.to(torch.float64)
     assert layer.retain_basis.dtype == torch.float64  # buffers follow .to like any module's
 
 
 def test_rank_too_large_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"rank 9 is larger.*8 -> 20.*at most 8"):
-        NSRULinear.from_linear(nn.Linear(8, 20), rank=9)
+    with pytest.raises(ValueError, match=r"r=9 is larger.*8 -> 20.*at most 8"):
+        NSRULinear.from_linear(nn.Linear(8, 20), r=9)
 
 
 def test_bad_bases_are_clear_errors():
-    layer = NSRULinear.from_linear(nn.Linear(8, 4), rank=2, name="mlp.up")
+    layer = NSRULinear.from_linear(nn.Linear(8, 4), r=2, name="mlp.up")
     with pytest.raises(ValueError, match=r"'mlp.up'.*shape \(7, 2\).*expected \(8, k\)"):
         layer.set_retain_basis(torch.zeros(7, 2))
     with pytest.raises(ValueError, match="not orthonormal"):
@@ -173,7 +173,7 @@ def test_bad_bases_are_clear_errors():
 
 def test_wrapping_something_else_fails():
     with pytest.raises(TypeError, match="Conv1D"):
-        NSRULinear(nn.Conv2d(3, 3, 1), rank=1)
+        NSRULinear(nn.Conv2d(3, 3, 1), r=1)
 
 
 def test_public_names():

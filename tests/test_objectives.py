@@ -103,7 +103,7 @@ def test_nsru_loss_weights_and_reference():
     tok = word_tokenizer(["who is Anna ? Anna is a baker . I don't know ."])
     with one_thread():
         model = tiny_llama(len(tok))
-        nsru.apply_nsru(model, rank=2, alpha=4)
+        nsru.apply_nsru(model, r=2, alpha=4)
         col = QACollator(tok)
         batch = {
             "forget": col([encode_qa(tok, "who is Anna ?", "Anna is a baker .")] * 2),

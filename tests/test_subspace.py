@@ -27,7 +27,7 @@ def _inputs_by_module(model, batches):
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_collected_moments_match_masked_inputs(make):
     model = make()
-    nsru.apply_nsru(model, rank=2)
+    nsru.apply_nsru(model, r=2)
     batches = token_batches(3)
     moments = nsru.collect_second_moments(model, batches, dtype=torch.float64, progress=False)
     inputs = _inputs_by_module(model, batches)
@@ -39,7 +39,7 @@ def test_collected_moments_match_masked_inputs(make):
 
 def test_modules_reading_one_tensor_share_a_statistic():
     model = tiny_llama()
-    nsru.apply_nsru(model, rank=2)
+    nsru.apply_nsru(model, r=2)
     moments = nsru.collect_second_moments(model, token_batches(2), progress=False)
     groups = moments.groups
     assert groups["model.layers.0.self_attn.k_proj"] == groups["model.layers.0.self_attn.q_proj"]
@@ -48,13 +48,13 @@ def test_modules_reading_one_tensor_share_a_statistic():
     assert groups["model.layers.0.mlp.down_proj"] == "model.layers.0.mlp.down_proj"
     assert groups["model.layers.1.self_attn.q_proj"] != groups["model.layers.0.self_attn.q_proj"]
     assert len(moments.sums) == 2 * 4
-    bases = nsru.retain_bases(moments, rank=3)
+    bases = nsru.retain_bases(moments, "k=3")
     assert bases["model.layers.0.self_attn.k_proj"] is bases["model.layers.0.self_attn.q_proj"]
 
 
 def test_statistics_describe_the_original_model_and_accumulate():
     model = tiny_llama()
-    nsru.apply_nsru(model, rank=2)
+    nsru.apply_nsru(model, r=2)
     batches = token_batches(4)
     with torch.no_grad():
         for layer in nsru.nsru_modules(model).values():
@@ -68,35 +68,35 @@ def test_statistics_describe_the_original_model_and_accumulate():
         torch.testing.assert_close(part[name], whole[name])
         torch.testing.assert_close(first[name], whole[name])
     plain = tiny_llama()
-    inputs = _inputs_by_module(nsru.apply_nsru(plain, rank=2) and plain, batches)
+    inputs = _inputs_by_module(nsru.apply_nsru(plain, r=2) and plain, batches)
     name = "model.layers.1.mlp.down_proj"
     torch.testing.assert_close(whole[name], inputs[name].T @ inputs[name] / inputs[name].shape[0])
 
 
 def test_rank_rules():
     model = tiny_llama()
-    nsru.apply_nsru(model, rank=2)
+    nsru.apply_nsru(model, r=2)
     moments = nsru.collect_second_moments(model, token_batches(3), progress=False)
-    by_energy = nsru.retain_subspaces(moments, energy=0.9)
+    by_energy = nsru.retain_subspaces(moments, "energy=0.9")
     for name, s in by_energy.items():
         lam = s.eigenvalues.clamp_min(0)
         assert s.energy >= 0.9 - 1e-9
-        assert float(lam[: s.rank - 1].sum() / lam.sum()) < 0.9, name
+        assert float(lam[: s.k - 1].sum() / lam.sum()) < 0.9, name
         u = s.basis
-        torch.testing.assert_close(u.T @ u, torch.eye(s.rank), rtol=1e-5, atol=1e-5)
-    assert all(u.shape[1] == 5 for u in nsru.retain_bases(moments, rank=5).values())
-    assert all(u.shape[1] == 0 for u in nsru.retain_bases(moments, energy=0.0).values())
-    assert all(u.shape[1] == 32 for n, u in nsru.retain_bases(moments, energy=1.0).items() if "down" not in n)
+        torch.testing.assert_close(u.T @ u, torch.eye(s.k), rtol=1e-5, atol=1e-5)
+    assert all(u.shape[1] == 5 for u in nsru.retain_bases(moments, "k=5").values())
+    assert all(u.shape[1] == 0 for u in nsru.retain_bases(moments, "energy=0.0").values())
+    assert all(u.shape[1] == 32 for n, u in nsru.retain_bases(moments, "energy=1.0").items() if "down" not in n)
     with pytest.raises(ValueError, match="exactly one"):
-        nsru.retain_bases(moments, energy=0.9, rank=3)
+        nsru.retain_bases(moments, "energy=0.9,k=3")
 
 
 def test_leakage_is_zero_inside_and_positive_outside():
     model = tiny_llama()
-    nsru.apply_nsru(model, rank=2)
+    nsru.apply_nsru(model, r=2)
     retain = token_batches(2, seed=1)
     moments = nsru.collect_second_moments(model, retain, dtype=torch.float64, progress=False)
-    nsru.set_retain_bases(model, nsru.retain_bases(moments, energy=0.95))
+    nsru.set_retain_bases(model, nsru.retain_bases(moments, "energy=0.95"))
     inside = nsru.leakage(model, retain, progress=False)
     assert all(0.0 <= v <= 0.1 for v in inside.values())  # about 1 - τ per token
     nsru.set_retain_bases(model, {n: torch.zeros(m.in_features, 0) for n, m in nsru.nsru_modules(model).items()})
@@ -107,7 +107,7 @@ def test_errors_name_what_is_wrong():
     model = tiny_llama()
     with pytest.raises(ValueError, match="no NSRU adapters"):
         nsru.collect_second_moments(model, token_batches(1), progress=False)
-    nsru.apply_nsru(model, rank=2)
+    nsru.apply_nsru(model, r=2)
     with pytest.raises(ValueError, match="no batch was given"):
         nsru.collect_second_moments(model, [], progress=False)
     with pytest.raises(KeyError, match="no NSRU adapter named 'lm_head'"):

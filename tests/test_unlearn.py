@@ -41,7 +41,7 @@ def test_nsru_forgets_answers_learns_safe_targets_and_keeps_retain():
     assert set(result.bases_info) == set(nsru.nsru_modules(model))
     for info in result.bases_info.values():
         assert 0 < info["k"] < info["in_features"] and 0 <= info["leakage"] < 0.5
-    assert result.config.project is True and result.config.energy == pytest.approx(0.9)
+    assert result.config.project is True and result.config.subspace == "energy=0.9"
     # Updates live in the null space: lora_A has no component in span(U).
     for layer in nsru.nsru_modules(model).values():
         u = layer.retain_basis
@@ -126,11 +126,11 @@ def test_inputs_config_and_errors(tmp_path):
     fpath.write_text("\n".join(json.dumps(r) for r in forget))
     datasets = pytest.importorskip("datasets")
     yml = tmp_path / "cfg.yaml"
-    yml.write_text("unlearn:\n  steps: 3\n  batch_size: 2\n  lr: 5e-3\n  rank: 4\n  progress: false\n")
+    yml.write_text("unlearn:\n  steps: 3\n  batch_size: 2\n  lr: 5e-3\n  r: 4\n  progress: false\n")
     cfg = UnlearnConfig.from_yaml(yml)
-    assert cfg.steps == 3 and cfg.lr == 5e-3 and cfg.rank == 4
+    assert cfg.steps == 3 and cfg.lr == 5e-3 and cfg.r == 4
     result = nsru.unlearn(model, tok, forget=str(fpath), retain=datasets.Dataset.from_list(retain), config=cfg)
-    assert len(result.history) == 3 and all(m.rank == 4 for m in nsru.nsru_modules(model).values())
+    assert len(result.history) == 3 and all(m.r == 4 for m in nsru.nsru_modules(model).values())
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 3\n")
@@ -146,12 +146,33 @@ def test_inputs_config_and_errors(tmp_path):
     assert "retain" not in res.history[-1]
 
 
+def test_subspace_rule_is_one_option_checked_before_any_work():
+    """Every rule works through ``unlearn`` (a fixed k once raised "choose exactly one" after the
+    adapters and statistics were made); a bad rule is refused by name with the model untouched."""
+    model, tok, forget, retain = trained_world_model()
+    result = nsru.unlearn(model, tok, forget=forget, retain=retain, subspace="k=5", steps=1, batch_size=4,
+                          progress=False)
+    assert {v["k"] for v in result.bases_info.values()} == {5}
+    model, tok, forget, retain = trained_world_model()
+    result = nsru.unlearn(model, tok, forget=forget, retain=retain, subspace="k=100000,min_null=3", steps=1,
+                          batch_size=4, progress=False)
+    assert all(v["k"] == v["in_features"] - 3 and v["capped"] for v in result.bases_info.values())
+    model, tok, forget, retain = trained_world_model()
+    for bad in ("energy=1.5", "energy=0.9,k=16", "size=3"):
+        with pytest.raises(ConfigError, match="subspace"):
+            nsru.unlearn(model, tok, forget=forget, retain=retain, subspace=bad)
+        assert not nsru.nsru_modules(model)
+
+
 def test_text_forget_corpus():
     """A text forget set (WMDP-style corpus): no safe targets, suppression on the text tokens."""
     model, tok, forget, retain = trained_world_model()
     corpus = [{"text": r["answer"]} for r in forget]
-    result = nsru.unlearn(model, tok, forget=corpus, retain=retain, steps=5, batch_size=4, lr=1e-2, progress=False)
+    before = mean(answer_probs(model, tok, forget))
+    result = nsru.unlearn(model, tok, forget=corpus, retain=retain, steps=10, batch_size=4, lr=1e-2, progress=False)
     assert "safe" not in result.history[-1] and "forget" in result.history[-1]
+    assert result.history[-1]["forget"] < result.history[0]["forget"]
+    assert mean(answer_probs(model, tok, forget)) < 0.9 * before
 
 
 def test_forget_aligned_init_forgets_faster_early():

@@ -9,10 +9,19 @@ from nsru.ops.lowrank_linear import (
 )
 from nsru.ops.project_rows import project_rows_, project_rows_reference_
 from nsru.ops.second_moment import second_moment_, second_moment_reference_, symmetrize
-from nsru.ops.subspace_update import Subspace, select_rank, subspace_update, subspace_update_reference
+from nsru.ops.subspace_update import (
+    DEFAULT_RULE,
+    Subspace,
+    SubspaceRule,
+    select_rank,
+    subspace_update,
+    subspace_update_reference,
+)
 
 __all__ = [
+    "DEFAULT_RULE",
     "Subspace",
+    "SubspaceRule",
     "lowrank_linear",
     "lowrank_linear_backward_reference",
     "lowrank_linear_forward_reference",
