@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nsru.data import IGNORE_INDEX, QACollator, encode_qa, format_prompt, has_chat_template, pad_encodings, pad_token_id
+from nsru.layer import model_device
 from nsru.safe_targets import is_safe_response
 
 __all__ = [
@@ -51,13 +52,6 @@ __all__ = [
 ]
 
 MC_LETTERS = ("A", "B", "C", "D")
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _bar(iterable, total: int, desc: str, progress: bool):
@@ -93,7 +87,7 @@ def answer_nll(model, tokenizer, questions: Sequence[str], answers: Sequence[str
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     collate = QACollator(tokenizer)
     out: list[float] = []
     spans = _batches(len(questions), batch_size)
@@ -172,7 +166,7 @@ def generate(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 3
              progress: bool = False) -> list[str]:
     """Greedy answers to ``questions`` (prompts by :func:`nsru.data.format_prompt`, left padding)."""
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     pad = pad_token_id(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     texts: list[str] = []
@@ -260,7 +254,7 @@ def mc_accuracy(model, tokenizer, rows: Sequence[Mapping], batch_size: int = 64,
     """
     _require(rows, ("question", "choices", "answer"), "mc_accuracy")
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     golds = []
     for i, r in enumerate(rows):
         gold = r["answer"]

@@ -163,6 +163,13 @@ class NSRULinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's (first) parameters live; the CPU for a model without parameters."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def nsru_modules(model: nn.Module) -> dict[str, NSRULinear]:
     """Every ``NSRULinear`` in ``model`` by its full name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, NSRULinear)}

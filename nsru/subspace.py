@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsru import ops
-from nsru.layer import NSRULinear, adapter_disabled, nsru_modules
+from nsru.layer import NSRULinear, adapter_disabled, model_device, nsru_modules
 
 _FLUSH_BYTES = 256 * 2**20
 
@@ -71,12 +71,6 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None or mask.numel() * x.shape[-1] != x.numel():
         return None
@@ -95,7 +89,7 @@ def _run_hooked(
     """Forward every batch through the original model (eval mode, no gradients, adapters disabled)
     with ``hooks`` installed as forward pre-hooks; the model's mode is restored afterwards."""
     handles = [m.register_forward_pre_hook(h) for m, h in hooks.items()]
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:

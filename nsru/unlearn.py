@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nsru.adapt import apply_nsru
-from nsru.layer import nsru_modules
+from nsru.layer import model_device, nsru_modules
 from nsru.adapter_init import init_adapters
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
@@ -86,12 +86,6 @@ def resolve_config(method: str | None, config: UnlearnConfig | Mapping | None, o
         changes["project"] = m.project
     changes.update(m.weights(cfg))
     return (cfg.replace(**changes) if changes else cfg), m
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _encode_forget(rows, tokenizer, cfg, method: Method) -> list[dict]:
@@ -165,7 +159,7 @@ def unlearn(
     seed_everything(cfg.seed)
     if cfg.device is not None:
         model.to(cfg.device)
-    device = _model_device(model)
+    device = model_device(model)
     pad_id = pad_token_id(tokenizer)
 
     forget_rows = load_rows(forget, "forget")
