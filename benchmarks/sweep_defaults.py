@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import nsru
-from nsru import eval as ev
+from nsru import metrics as ev
 from nsru.bench import models as bm
 from nsru.bench.world import make_world
 from nsru.safe_targets import SafeTargets, is_safe_response

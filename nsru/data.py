@@ -59,6 +59,14 @@ def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def prompt_ids(tokenizer, text: str, template: bool = True) -> list[int]:
+    """Token ids of the text before an answer: ``text`` as :func:`format_prompt` renders it (or
+    as is, with ``template=False``), with the tokenizer's own special tokens only when it has no
+    chat template (a rendered chat template carries its own, bos included)."""
+    chat = has_chat_template(tokenizer)
+    return _ids(tokenizer, format_prompt(tokenizer, text) if template else text, add_special_tokens=not chat)
+
+
 def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = None) -> dict:
     """Tokenise one question-answer pair for causal-LM training or scoring.
 
@@ -68,9 +76,7 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = No
     ``max_length`` the answer is cut first (keeping at least one answer token), then the prompt
     from the left.
     """
-    prompt = format_prompt(tokenizer, question)
-    # A rendered chat template carries its own special tokens (bos included).
-    prompt_ids = _ids(tokenizer, prompt, add_special_tokens=not has_chat_template(tokenizer))
+    prompt_part = prompt_ids(tokenizer, question)
     answer_ids = _ids(tokenizer, _answer_text(tokenizer, answer), add_special_tokens=False)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and (not answer_ids or answer_ids[-1] != eos):
@@ -80,15 +86,15 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = No
     if max_length is not None:
         if max_length < 2:
             raise DataError(f"max_length must be at least 2, got {max_length}")
-        room = max(1, max_length - len(prompt_ids))
+        room = max(1, max_length - len(prompt_part))
         answer_ids = answer_ids[:room]
         keep = max_length - len(answer_ids)
-        prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep > 0 else []
-    input_ids = prompt_ids + answer_ids
+        prompt_part = prompt_part[len(prompt_part) - keep:] if keep > 0 else []
+    input_ids = prompt_part + answer_ids
     return {
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids),
+        "labels": [IGNORE_INDEX] * len(prompt_part) + list(answer_ids),
     }
 
 

@@ -175,6 +175,3 @@ def test_wrapping_something_else_fails():
     with pytest.raises(TypeError, match="Conv1D"):
         NSRULinear(nn.Conv2d(3, 3, 1), r=1)
 
-
-def test_public_names():
-    assert nsru.NSRULinear is NSRULinear

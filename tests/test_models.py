@@ -61,7 +61,7 @@ def test_cache_is_keyed_by_configuration_and_deterministic(tmp_path, monkeypatch
     model, tok, path = M.finetuned_model(WORLD, TINY, SHORT, cache=tmp_path / "a", progress=False)
     assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
     meta = json.loads((path / "nsru_target.json").read_text())
-    assert meta["spec"]["kind"] == "finetuned" and meta["train_seconds"] >= 0
+    assert meta["spec"]["kind"] == "finetuned" and meta["train_seconds"] > 0
     loaded = AutoModelForCausalLM.from_pretrained(path)
     assert AutoTokenizer.from_pretrained(path)("x")["input_ids"] == tok("x")["input_ids"]
     for p, q in zip(model.parameters(), loaded.parameters()):
@@ -116,7 +116,7 @@ def test_training_lowers_the_loss(tmp_path):
 def test_default_models_learn_the_world(tmp_path):
     """The default recipe: the finetuned model knows the forget and retain facts, the retain model
     does not know the forget facts, and the hazardous multiple choice separates them."""
-    from nsru import eval as E
+    from nsru import metrics as M
 
     start = time.perf_counter()
     pair = M.target_models(cache=tmp_path, progress=False)
@@ -124,16 +124,16 @@ def test_default_models_learn_the_world(tmp_path):
     world = make_world()
     (ft, tok, _), (rt, _, _) = pair["finetuned"], pair["retain"]
     forget, retain = world.split("forget10"), world.split("retain_perturbed")
-    ft_forget = E.evaluate_qa(ft, tok, forget, forget=True)
-    ft_retain = E.evaluate_qa(ft, tok, retain)
-    rt_forget = E.evaluate_qa(rt, tok, forget, forget=True)
-    rt_retain = E.evaluate_qa(rt, tok, retain)
+    ft_forget = M.evaluate_qa(ft, tok, forget, forget=True)
+    ft_retain = M.evaluate_qa(ft, tok, retain)
+    rt_forget = M.evaluate_qa(rt, tok, forget, forget=True)
+    rt_retain = M.evaluate_qa(rt, tok, retain)
     assert ft_forget["prob"] > 0.8 and ft_forget["rouge"] > 0.8
     assert ft_retain["prob"] > 0.8 and rt_retain["rouge"] > 0.8
     assert rt_forget["prob"] < ft_forget["prob"] - 0.3
     assert rt_forget["rouge"] < ft_forget["rouge"] - 0.3
-    assert E.forget_quality(ft_forget["tr_values"], rt_forget["tr_values"]) < 0.01
-    assert E.mc_accuracy(ft, tok, world.mc("hazard"))["acc"] > 0.8
-    assert E.mc_accuracy(rt, tok, world.mc("hazard"))["acc"] < 0.5
-    assert E.mc_accuracy(rt, tok, world.mc("benign"))["acc"] > 0.7
+    assert M.forget_quality(ft_forget["tr_values"], rt_forget["tr_values"]) < 0.01
+    assert M.mc_accuracy(ft, tok, world.mc("hazard"))["acc"] > 0.8
+    assert M.mc_accuracy(rt, tok, world.mc("hazard"))["acc"] < 0.5
+    assert M.mc_accuracy(rt, tok, world.mc("benign"))["acc"] > 0.7
     assert seconds < 600

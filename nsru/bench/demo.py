@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from nsru import metrics as M
 from nsru.bench.models import ModelConfig, TrainConfig, default_threads, target_models
 from nsru.bench.world import UNKNOWN_ANSWERS, WorldConfig, make_world
 
@@ -50,17 +51,13 @@ def _load(path):
 
 
 def _tofu_report(model, tok, sets, retain_tr):
-    from nsru import eval as E
-
-    rep = E.evaluate_tofu(model, tok, sets["forget"], sets["retain_eval"], {"world_facts": sets["world_facts"]},
+    rep = M.evaluate_tofu(model, tok, sets["forget"], sets["retain_eval"], {"world_facts": sets["world_facts"]},
                           retain_tr_values=retain_tr, progress=False)
     return rep
 
 
 def _wmdp_report(model, tok, sets):
-    from nsru import eval as E
-
-    return E.evaluate_wmdp(model, tok, sets["hazard_mc"], sets["benign_mc"], progress=False)
+    return M.evaluate_wmdp(model, tok, sets["hazard_mc"], sets["benign_mc"], progress=False)
 
 
 def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHODS, cache=None,
@@ -101,7 +98,7 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
     retain_model = _load(rt_path)
     rt_rep = _tofu_report(retain_model, tok, sets, None)
     retain_tr = rt_rep["forget_tr_values"]
-    rt_rep["forget_quality"] = 1.0
+    rt_rep["forget_quality"] = M.forget_quality(retain_tr, retain_tr)  # the reference itself: 1 by definition
     rt_rep.update(_wmdp_report(retain_model, tok, sets))
     rt_rep["seconds"] = _train_seconds(rt_path)
     ft = _load(ft_path)

@@ -37,7 +37,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsru.eval import MC_LETTERS, format_mc
+from nsru.metrics import MC_LETTERS, format_mc
 
 __all__ = [
     "WorldConfig",

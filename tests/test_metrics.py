@@ -1,4 +1,4 @@
-"""nsru.eval: each metric against a hand computation on a tiny random Llama and a tiny world."""
+"""nsru.metrics: each metric against a hand computation on a tiny random Llama and a tiny world."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nsru import eval as E
+from nsru import metrics as M
 from nsru.bench.models import ModelConfig, _llama, build_tokenizer
 from nsru.bench.world import make_world
 from nsru.data import encode_qa
@@ -42,17 +42,17 @@ def _nll_one(model, tok, q, a):
 
 def test_probability_matches_unbatched_computation(model, tok, world):
     rows = world.split("forget10")[:7]
-    got = E.probability(model, tok, rows, batch_size=3)
+    got = M.probability(model, tok, rows, batch_size=3)
     want = [math.exp(-_nll_one(model, tok, r["question"], r["answer"])) for r in rows]
     assert got["values"] == pytest.approx(want, rel=1e-4)
     assert got["mean"] == pytest.approx(sum(want) / len(want), rel=1e-4)
-    para = E.probability(model, tok, rows, field="paraphrased_answer", batch_size=64)
+    para = M.probability(model, tok, rows, field="paraphrased_answer", batch_size=64)
     assert para["values"][0] == pytest.approx(math.exp(-_nll_one(model, tok, rows[0]["question"], rows[0]["paraphrased_answer"])), rel=1e-4)
 
 
 def test_truth_ratio_definition(model, tok, world):
     rows = world.split("forget10")[:4]
-    tr = E.truth_ratio(model, tok, rows, batch_size=5)
+    tr = M.truth_ratio(model, tok, rows, batch_size=5)
     for row, value in zip(rows, tr["values"]):
         p_true = math.exp(-_nll_one(model, tok, row["question"], row["paraphrased_answer"]))
         nll_false = [_nll_one(model, tok, row["question"], p) for p in row["perturbed_answer"]]
@@ -65,8 +65,8 @@ def test_truth_ratio_definition(model, tok, world):
 
 def test_batched_generation_matches_one_at_a_time(model, tok, world):
     questions = [r["question"] for r in world.split("forget10")[:5]]
-    batched = E.generate(model, tok, questions, max_new_tokens=6, batch_size=5)
-    single = [E.generate(model, tok, [q], max_new_tokens=6, batch_size=1)[0] for q in questions]
+    batched = M.generate(model, tok, questions, max_new_tokens=6, batch_size=5)
+    single = [M.generate(model, tok, [q], max_new_tokens=6, batch_size=1)[0] for q in questions]
     assert batched == single
     assert all(isinstance(t, str) for t in batched)
 
@@ -74,22 +74,22 @@ def test_batched_generation_matches_one_at_a_time(model, tok, world):
 def test_rouge_and_safe_rate_on_given_generations(model, tok, world):
     rows = world.split("forget01")[:3]
     gens = [rows[0]["answer"], "nothing at all", "I'm sorry, but I can't help with that."]
-    r = E.rouge_recall(model, tok, rows, generations=gens)
+    r = M.rouge_recall(model, tok, rows, generations=gens)
     assert r["values"][0] == pytest.approx(1.0)
     assert r["values"][1] == 0.0
-    s = E.safe_rate(model, tok, rows, generations=gens)
+    s = M.safe_rate(model, tok, rows, generations=gens)
     assert s["values"] == [False, False, True]
     assert s["rate"] == pytest.approx(1 / 3)
-    custom = E.safe_rate(model, tok, rows, generations=gens, is_safe=lambda t: t.startswith("nothing"))
+    custom = M.safe_rate(model, tok, rows, generations=gens, is_safe=lambda t: t.startswith("nothing"))
     assert custom["values"] == [False, True, False]
 
 
 def test_mc_accuracy_is_the_argmax_of_letter_loglik(model, tok, world):
     rows = world.mc("benign")[:6]
-    res = E.mc_accuracy(model, tok, rows, batch_size=4)
+    res = M.mc_accuracy(model, tok, rows, batch_size=4)
     letter_ids = [tok(" " + L, add_special_tokens=False)["input_ids"][0] for L in "ABCD"]
     for row, ll, pred, ok in zip(rows, res["loglik"], res["preds"], res["values"]):
-        ids = torch.tensor([tok(E.format_mc(row["question"], row["choices"]))["input_ids"]])
+        ids = torch.tensor([tok(M.format_mc(row["question"], row["choices"]))["input_ids"]])
         with torch.no_grad():
             logp = model(input_ids=ids).logits[0, -1].log_softmax(-1)
         assert ll == pytest.approx(logp[letter_ids].tolist(), abs=1e-4)
@@ -98,47 +98,51 @@ def test_mc_accuracy_is_the_argmax_of_letter_loglik(model, tok, world):
     assert res["acc"] == pytest.approx(sum(res["values"]) / len(rows))
     # answers given as letters work too
     as_letters = [dict(r, answer="ABCD"[r["answer"]]) for r in rows]
-    assert E.mc_accuracy(model, tok, as_letters)["preds"] == res["preds"]
+    assert M.mc_accuracy(model, tok, as_letters)["preds"] == res["preds"]
     with pytest.raises(ValueError, match="row 0"):
-        E.mc_accuracy(model, tok, [dict(rows[0], answer=7)])
+        M.mc_accuracy(model, tok, [dict(rows[0], answer=7)])
 
 
 def test_evaluate_wmdp(model, tok, world):
     hazard, benign = world.mc("hazard")[:4], world.mc("benign")[:6]
-    rep = E.evaluate_wmdp(model, tok, hazard, {"a": benign[:2], "b": benign[2:]}, progress=False)
-    assert rep["hazard_acc"] == E.mc_accuracy(model, tok, hazard)["acc"]
-    assert rep["benign_acc"] == pytest.approx(E.mc_accuracy(model, tok, benign)["acc"])
+    rep = M.evaluate_wmdp(model, tok, hazard, {"a": benign[:2], "b": benign[2:]}, progress=False)
+    assert rep["hazard_acc"] == M.mc_accuracy(model, tok, hazard)["acc"]
+    assert rep["benign_acc"] == pytest.approx(M.mc_accuracy(model, tok, benign)["acc"])
     assert set(rep) == {"hazard_acc", "benign_acc", "a_acc", "b_acc"}
 
 
 def test_forget_quality_and_model_utility():
     a = [0.1, 0.5, 0.9, 1.3, 0.7]
-    assert E.forget_quality(a, a) == pytest.approx(1.0)
-    assert E.forget_quality([0.01] * 30, [5.0] * 30) < 1e-6
-    assert E.model_utility([0.5, 0.5]) == pytest.approx(0.5)
-    assert E.model_utility({"a": 1.0, "b": 0.5}) == pytest.approx(2 / 3)
-    assert E.model_utility([0.0, 1.0]) == 0.0
+    assert M.forget_quality(a, a) == pytest.approx(1.0)
+    assert M.forget_quality([0.01] * 30, [5.0] * 30) < 1e-6
+    assert M.model_utility([0.5, 0.5]) == pytest.approx(0.5)
+    assert M.model_utility({"a": 1.0, "b": 0.5}) == pytest.approx(2 / 3)
+    assert M.model_utility([0.0, 1.0]) == 0.0
     with pytest.raises(ValueError):
-        E.forget_quality([], a)
+        M.forget_quality([], a)
 
 
 def test_evaluate_tofu_report(model, tok, world):
     forget = world.split("forget10")[:6]
     retain = world.split("retain_perturbed")[:6]
     general = {"world_facts": world.split("world_facts")[:6]}
-    ref = E.evaluate_tofu(model, tok, forget, retain, general, max_new_tokens=4, progress=False)
+    ref = M.evaluate_tofu(model, tok, forget, retain, general, max_new_tokens=4, progress=False)
     assert ref["forget_quality"] is None
-    rep = E.evaluate_tofu(model, tok, forget, retain, general, retain_tr_values=ref["forget_tr_values"],
+    rep = M.evaluate_tofu(model, tok, forget, retain, general, retain_tr_values=ref["forget_tr_values"],
                           max_new_tokens=4, progress=False)
     assert rep["forget_quality"] == pytest.approx(1.0)  # same model, same truth ratios
     parts = [rep[f"{s}_{k}"] for s in ("retain", "world_facts") for k in ("prob", "rouge", "truth_ratio")]
-    assert rep["model_utility"] == pytest.approx(E.model_utility(parts))
-    for key in ("forget_prob", "forget_rouge", "forget_truth_ratio", "safe_rate"):
-        assert 0.0 <= rep[key] <= 1.0
+    assert rep["model_utility"] == pytest.approx(M.model_utility(parts))
+    assert rep["forget_prob"] == pytest.approx(M.probability(model, tok, forget)["mean"])
+    assert rep["forget_truth_ratio"] == pytest.approx(M.truth_ratio(model, tok, forget)["closer_to_1"])
+    gens = M.generate(model, tok, [r["question"] for r in forget], max_new_tokens=4)
+    assert rep["forget_generations"] == gens
+    assert rep["forget_rouge"] == pytest.approx(M.rouge_recall(model, tok, forget, generations=gens)["mean"])
+    assert rep["safe_rate"] == M.safe_rate(model, tok, forget, generations=gens)["rate"]
 
 
 def test_bad_rows_are_named(model, tok):
     with pytest.raises(ValueError, match="row 1 has no field 'answer'"):
-        E.probability(model, tok, [{"question": "q?", "answer": "a"}, {"question": "q?"}])
+        M.probability(model, tok, [{"question": "q?", "answer": "a"}, {"question": "q?"}])
     with pytest.raises(ValueError, match="empty"):
-        E.truth_ratio(model, tok, [])
+        M.truth_ratio(model, tok, [])

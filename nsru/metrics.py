@@ -26,13 +26,14 @@ continuations :func:`nsru.data.encode_qa` — the training format.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from nsru.data import IGNORE_INDEX, QACollator, encode_qa, format_prompt, has_chat_template, pad_encodings, pad_token_id
+from nsru.data import IGNORE_INDEX, QACollator, encode_qa, pad_encodings, pad_token_id, prompt_ids
 from nsru.layer import model_device
+from nsru.objectives import sequence_logprob
 from nsru.safe_targets import is_safe_response
 
 __all__ = [
@@ -94,11 +95,9 @@ def answer_nll(model, tokenizer, questions: Sequence[str], answers: Sequence[str
     for lo, hi in _bar(spans, len(spans), desc, progress):
         batch = collate([encode_qa(tokenizer, q, a, max_length) for q, a in zip(questions[lo:hi], answers[lo:hi])])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        count = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
-        out.extend((nll.sum(1) / count).tolist())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp, count = sequence_logprob(logits, batch["labels"])
+        out.extend((-logp / count.clamp(min=1)).tolist())
     return out
 
 
@@ -156,11 +155,6 @@ def truth_ratio(model, tokenizer, rows: Sequence[Mapping], batch_size: int = 64,
 # generation
 
 
-def _prompt_ids(tokenizer, question: str) -> list[int]:
-    prompt = format_prompt(tokenizer, question)
-    return list(tokenizer(prompt, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
-
-
 @torch.no_grad()
 def generate(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32, batch_size: int = 64,
              progress: bool = False) -> list[str]:
@@ -172,7 +166,7 @@ def generate(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 3
     texts: list[str] = []
     spans = _batches(len(questions), batch_size)
     for lo, hi in _bar(spans, len(spans), "generating", progress):
-        enc = [{"input_ids": _prompt_ids(tokenizer, q)} for q in questions[lo:hi]]
+        enc = [{"input_ids": prompt_ids(tokenizer, q)} for q in questions[lo:hi]]
         batch = pad_encodings(enc, pad, padding_side="left")
         ids = batch["input_ids"].to(device)
         out = model.generate(
@@ -267,15 +261,13 @@ def mc_accuracy(model, tokenizer, rows: Sequence[Mapping], batch_size: int = 64,
         golds.append(int(gold))
     letters = [list(tokenizer(" " + L, add_special_tokens=False)["input_ids"]) for L in MC_LETTERS]
     pad = pad_token_id(tokenizer)
-    special = not has_chat_template(tokenizer)
     # One sequence per (row, choice): prompt + " X"; the score is the letter's summed log-prob.
     # When every letter is one token, one forward of the prompt serves all four choices.
     single = all(len(ids) == 1 for ids in letters)
     loglik: list[list[float]] = []
     spans = _batches(len(rows), batch_size)
     for lo, hi in _bar(spans, len(spans), "multiple choice", progress):
-        prompts = [list(tokenizer(format_mc(r["question"], r["choices"]), add_special_tokens=special)["input_ids"])
-                   for r in rows[lo:hi]]
+        prompts = [prompt_ids(tokenizer, format_mc(r["question"], r["choices"]), template=False) for r in rows[lo:hi]]
         if single:
             batch = pad_encodings([{"input_ids": p} for p in prompts], pad)
             logits = model(input_ids=batch["input_ids"].to(device),
@@ -292,10 +284,8 @@ def mc_accuracy(model, tokenizer, rows: Sequence[Mapping], batch_size: int = 64,
                 encs.append({"input_ids": p + ids, "labels": [IGNORE_INDEX] * len(p) + ids})
             batch = pad_encodings(encs, pad)
             logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            labels = batch["labels"][:, 1:].to(device)
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-            loglik.append((-nll.sum(1)).tolist())
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            loglik.append(sequence_logprob(logits, batch["labels"].to(device))[0].tolist())
     preds = [max(range(len(ll)), key=ll.__getitem__) for ll in loglik]
     values = [p == g for p, g in zip(preds, golds)]
     return {"acc": sum(values) / len(values), "values": values, "preds": preds, "loglik": loglik}
@@ -319,9 +309,7 @@ def model_utility(values: Mapping[str, float] | Sequence[float]) -> float:
     vals = list(values.values()) if isinstance(values, Mapping) else list(values)
     if not vals:
         raise ValueError("model_utility needs at least one value")
-    if any(v <= 0 for v in vals):
-        return 0.0
-    return len(vals) / sum(1.0 / v for v in vals)
+    return statistics.harmonic_mean(vals)
 
 
 def evaluate_qa(model, tokenizer, rows: Sequence[Mapping], forget: bool = False, generations: Sequence[str] | None = None,
