@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from nsru.bench.world import World, WorldConfig, format_mc, make_world
+from nsru.cache import cache_dir
 from nsru.data import IGNORE_INDEX, QACollator, encode_qa, encode_text
 from nsru.safe_targets import DEFAULT_TEMPLATES
 
@@ -96,14 +97,6 @@ class TargetSpec:
             {"version": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True, default=str
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def cache_dir(path=None) -> Path:
-    """``path``, else ``$NSRU_CACHE``, else ``~/.cache/nsru``."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get("NSRU_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "nsru"
 
 
 def _save_atomic(target: Path, write) -> None:
