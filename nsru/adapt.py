@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nsru.atomic import atomic_write
 from nsru.layer import NSRULinear, is_linear, nsru_modules
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -44,13 +45,48 @@ def _matches(name: str, target_modules: TargetModules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def find_target_modules(model: nn.Module, target_modules: TargetModules = "all-linear") -> list[str]:
-    """Full names of the linear modules that ``target_modules`` selects; raises if there are none."""
+def layer_index(name: str) -> int | None:
+    """The block a module belongs to: the first whole-number part of its name (``model.layers.3.mlp``)."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
+def parse_layers(layers: str | Sequence[int] | None) -> list[int] | None:
+    """``"10-19"`` (inclusive), ``"3,5,7"`` or a list of ints as a sorted list; ``None`` stays ``None``."""
+    if layers is None:
+        return None
+    try:
+        if isinstance(layers, str):
+            found: set[int] = set()
+            for part in filter(None, (p.strip() for p in layers.split(","))):
+                lo, dash, hi = part.partition("-")
+                found.update(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        else:
+            found = {int(i) for i in layers}
+    except (TypeError, ValueError):
+        raise ValueError(f"layers must look like '10-19', '3,5,7' or a list of layer indices, got {layers!r}") from None
+    if not found or min(found) < 0:
+        raise ValueError(f"layers must name at least one layer index >= 0, got {layers!r}")
+    return sorted(found)
+
+
+def find_target_modules(
+    model: nn.Module, target_modules: TargetModules = "all-linear", layers: str | Sequence[int] | None = None
+) -> list[str]:
+    """Full names of the linear modules that ``target_modules`` selects, within ``layers`` (block
+    indices; all when ``None``); raises if there are none."""
     candidates = _linear_names(model)
     if isinstance(target_modules, str) and target_modules == "all-linear":
         names = candidates
     else:
         names = [n for n in candidates if _matches(n, target_modules)]
+    wanted = parse_layers(layers)
+    if wanted is not None:
+        present = sorted({i for i in map(layer_index, names) if i is not None})
+        names = [n for n in names if layer_index(n) in wanted]
+        if not names:
+            raise ValueError(f"layers={layers!r} selects none of the matched modules; their layers are "
+                             f"{present[0]}-{present[-1]}" if present else f"layers={layers!r}: the matched "
+                             "modules have no layer index in their names")
     if not names:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         example = f" (e.g. {candidates[0]!r})" if candidates else ""
@@ -73,8 +109,10 @@ def apply_nsru(
     target_modules: TargetModules = "all-linear",
     r: int | dict[str, int] = 8,
     alpha: float | dict[str, float] = 16.0,
+    layers: str | Sequence[int] | None = None,
 ) -> dict[str, NSRULinear]:
-    """Replace the selected linear modules of ``model`` by ``NSRULinear``, in place.
+    """Replace the selected linear modules of ``model`` (within ``layers``, block indices such as
+    ``"10-19"``; all when ``None``) by ``NSRULinear``, in place.
 
     Every parameter of ``model`` is frozen; only the adapters' ``lora_A``/``lora_B`` train.
     ``r`` and ``alpha`` may be dicts from module name to value (per-module rank selection).
@@ -86,7 +124,7 @@ def apply_nsru(
             f"{type(model).__name__} already has {len(existing)} NSRU adapters (e.g. {next(iter(existing))!r}); "
             "call merge_and_unload() first or load_adapter() to replace their weights"
         )
-    names = find_target_modules(model, target_modules)
+    names = find_target_modules(model, target_modules, layers)
     model.requires_grad_(False)
     adapted = {}
     for name in names:
@@ -136,15 +174,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
             "k": layer.k,
         }
     config = {"format": ADAPTER_FORMAT, "version": 1, "base_model_class": type(model).__name__, "modules": modules}
-    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out
-
-
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, target)
 
 
 def _read_config(path: Path) -> dict:

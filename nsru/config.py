@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsru.adapt import parse_layers
 from nsru.ops.subspace_update import DEFAULT_RULE, SubspaceRule
 
 
@@ -51,7 +52,13 @@ class UnlearnConfig:
     alpha: float = 16.0
     init: str = "random"  # random (then projected) | forget (top-r eigvecs of P⊥ C_forget P⊥)
     subspace: str = DEFAULT_RULE  # retain-subspace rule, e.g. "energy=0.9", "k=16", "tail=1e-3,min_null=8"
-    stats_examples: int | None = None  # retain rows used for the statistics (None: all)
+    # Data of the retain statistics (nsru.stats_sources): "retain", "self", a corpus (path or rows),
+    # or a list of them; stats_tokens bounds their tokens, shared equally between the sources.
+    stats: Any = "retain"
+    stats_tokens: int | None = None
+    self_samples: int = 256  # texts the model writes itself for the "self" source
+    self_max_new_tokens: int = 64
+    layers: Any = None  # adapt only these layers: "10-19", [10, 11, ...] or None (all)
 
     # --- safe targets
     templates: Any = None  # list of templates or a file; None: built-in refusals
@@ -106,6 +113,18 @@ class UnlearnConfig:
             self.subspace = str(SubspaceRule.parse(self.subspace))
         except ValueError as e:
             raise ConfigError(f"subspace: {e}") from None
+        try:
+            parse_layers(self.layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        sources = self.stats if isinstance(self.stats, (list, tuple)) else [self.stats]
+        need(len(sources) > 0, "stats must name at least one source: 'retain', 'self', a corpus, or a list")
+        for source in sources:
+            if isinstance(source, (str, os.PathLike)) and str(source) not in ("retain", "self"):
+                need(Path(source).is_file(), f"stats source {str(source)!r} is neither 'retain', 'self' nor an "
+                                             "existing JSON/JSONL file")
+        need(self.stats_tokens is None or self.stats_tokens >= 1, f"stats_tokens must be >= 1, got {self.stats_tokens!r}")
+        need(self.self_samples >= 1 and self.self_max_new_tokens >= 1, "self_samples and self_max_new_tokens must be >= 1")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
         need(self.steps >= 1, f"steps must be at least 1, got {self.steps!r}")
         need(self.lr > 0, f"lr must be positive, got {self.lr!r}")

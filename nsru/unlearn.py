@@ -28,6 +28,7 @@ from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
+from nsru.stats_sources import stats_encodings
 from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
 from nsru.train import Stream, Trainer, dist_info, init_distributed_from_env
 
@@ -110,15 +111,19 @@ def _encode_retain(rows, tokenizer, cfg) -> list[dict]:
     return [{"retain": encode_text(tokenizer, r["text"], cfg.max_length)} for r in rows]
 
 
-def _stat_batches(examples: Sequence[dict], part: str, pad_id: int, device, chunk: int = 16):
-    """This process's share of ``examples`` as padded batches for ``model(**batch)`` (no labels)."""
+def _stat_batches(encodings: Sequence[dict], pad_id: int, device, chunk: int = 16):
+    """This process's share of ``encodings`` as padded batches for ``model(**batch)`` (no labels)."""
     rank, world = dist_info()
-    mine = list(examples)[rank::world]
+    mine = list(encodings)[rank::world]
     batches = []
     for i in range(0, len(mine), chunk):
-        enc = pad_encodings([e[part] for e in mine[i:i + chunk]], pad_id)
+        enc = pad_encodings(mine[i:i + chunk], pad_id)
         batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)})
     return batches
+
+
+def _sources(spec) -> list:
+    return list(spec) if isinstance(spec, (list, tuple)) else [spec]
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -168,9 +173,9 @@ def unlearn(
         if cfg.retain and m.needs_retain:
             raise ValueError(f"method {cfg.method!r} has a retain term but no retain data was given; "
                              "pass retain=... or retain=False to switch the term off")
-        if cfg.finetune == "adapter" and cfg.project:
-            raise ValueError("the null-space projection needs retain data for its statistics; pass retain=... "
-                             "or project=False (plain LoRA)")
+        if cfg.finetune == "adapter" and cfg.project and "retain" in _sources(cfg.stats):
+            raise ValueError("the null-space projection needs data for its statistics: pass retain=..., "
+                             "stats='self' or a corpus, or project=False (plain LoRA)")
     forget_ex = _encode_forget(forget_rows, tokenizer, cfg, m)
     retain_ex = _encode_retain(retain_rows, tokenizer, cfg) if retain_rows is not None else None
 
@@ -183,7 +188,7 @@ def unlearn(
             targets = cfg.target_modules
             if m.default_targets is not None and targets == "all-linear":
                 targets = m.default_targets(model, cfg)
-            adapters = apply_nsru(model, target_modules=targets, r=cfg.r, alpha=cfg.alpha)
+            adapters = apply_nsru(model, target_modules=targets, r=cfg.r, alpha=cfg.alpha, layers=cfg.layers)
         params = {}
         for name, layer in adapters.items():
             params[f"{name}.lora_A"] = layer.lora_A
@@ -198,37 +203,44 @@ def unlearn(
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     bases_info: dict[str, dict] = {}
-    subspaces: dict = {}
-    if adapters:
-        if retain_ex is not None:
-            stats_ex = retain_ex if cfg.stats_examples is None else retain_ex[: cfg.stats_examples]
-            stat_batches = _stat_batches(stats_ex, "retain", pad_id, device)
-            moments = collect_second_moments(model, stat_batches, progress=False).all_reduce()
-            if cfg.project:
-                for name, C in ((n, moments[n]) for n in moments.names()):
-                    if not torch.isfinite(C).all():
-                        raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
-                                                 "check the model's activations on the retain data")
-                subspaces = retain_subspaces(moments, cfg.subspace_rule)
-                set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
-            leak = _mean_across_ranks(leakage(model, stat_batches, progress=False))
-        else:
-            leak = {n: 1.0 for n in adapters}
+    stats_report: dict = {}
+    if adapters and cfg.project:
+        stats_ex, stats_report = stats_encodings(
+            cfg.stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
+            max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
+            self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed)
+        stat_batches = _stat_batches(stats_ex, pad_id, device)
+        moments = collect_second_moments(model, stat_batches, progress=False).all_reduce()
+        for name in moments.names():
+            if not torch.isfinite(moments[name]).all():
+                raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
+                                         "check the model's activations on the statistics data")
+        subspaces = retain_subspaces(moments, cfg.subspace_rule)
+        set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
+        leaks = {"leakage": stat_batches}
+        if retain_ex is not None and cfg.stats != "retain":
+            leaks["leakage_retain"] = _stat_batches([e["retain"] for e in retain_ex], pad_id, device)
+        leaks["leakage_forget"] = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
+        measured = {key: _mean_across_ranks(leakage(model, b, progress=False)) for key, b in leaks.items()}
         for name, layer in adapters.items():
-            bases_info[name] = {"k": layer.k, "in_features": layer.in_features, "leakage": leak[name],
-                                "capped": bool(cfg.project and subspaces[name].capped)}
+            bases_info[name] = {"k": layer.k, "in_features": layer.in_features, "capped": subspaces[name].capped,
+                                **{key: values[name] for key, values in measured.items()}}
+    else:
+        # No projection: the adapter may move every direction (leakage 1 by definition).
+        bases_info = {name: {"k": 0, "in_features": layer.in_features, "capped": False, "leakage": 1.0}
+                      for name, layer in adapters.items()}
 
     init_info: dict = {}
     if adapters:
         forget_moments = None
         if cfg.init == "forget":
-            fb = _stat_batches(forget_ex, "forget", pad_id, device)
+            fb = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
             forget_moments = collect_second_moments(model, fb, progress=False).all_reduce()
         init_info = init_adapters(adapters, cfg.init, seed=cfg.seed, forget_moments=forget_moments)
 
     ctx = LossContext(model, cfg, ref_model=ref_model)
     if m.setup is not None:
-        fb = _stat_batches(forget_ex, "forget", pad_id, device)
+        fb = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
         m.setup(ctx, fb)
 
     streams = {"forget": Stream(forget_ex, cfg.batch_size, seed=cfg.seed, salt=1, pad_id=pad_id)}

@@ -33,7 +33,7 @@ REFERENCES = ("finetuned", "retain")
 # The unlearning budget every method gets (batch size and the rest: UnlearnConfig's defaults).
 STEPS = 60
 QUICK_STEPS = 20
-QUICK_STATS_EXAMPLES = 256
+QUICK_STATS_TOKENS = 8192  # about 256 of the 900 retain rows
 LR = 3e-3
 # Safe targets in the refusal wording the target models already use for people they do not know
 # (the sweep measured held-out 0.55 with these against 0.18 with wording the model never saw).
@@ -113,8 +113,8 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
         for method in methods:
             common = dict(method=method, steps=n_steps, lr=lr, seed=seed, templates=list(SAFE_TEMPLATES),
                           progress=False)
-            if quick:  # retain statistics and leakage over 256 of the 900 retain rows
-                common["stats_examples"] = QUICK_STATS_EXAMPLES
+            if quick:  # retain statistics and leakage over about a quarter of the retain rows
+                common["stats_tokens"] = QUICK_STATS_TOKENS
             t = time.perf_counter()
             model = unlearn(_load(ft_path), tok, sets["forget"], sets["retain"], **common).model
             tofu_s = time.perf_counter() - t

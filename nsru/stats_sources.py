@@ -1,0 +1,239 @@
+"""Where the retain statistics come from (``stats=`` of :func:`nsru.unlearn`).
+
+The retain subspace is only as good as the data its statistics saw: directions that data never
+uses fall into the null space, where the adapter is free to change them. Statistics from the
+retain split alone leave the model's other knowledge there (DESIGN §5), so they can come from
+broader data:
+
+* ``"retain"``: the retain data (question-answer or text rows);
+* ``"self"``: what the target model writes itself before training — its answers to generic
+  prompts (chat models) or continuations of BOS — seeded, cached, and with every sample that
+  names a forget subject dropped;
+* a corpus: a JSON/JSONL path, a list of rows or a ``datasets.Dataset`` of text or question-answer
+  rows (disjoint from what you evaluate on);
+* a list of these, combined. ``stats_tokens`` bounds the tokens of all of them together, shared
+  equally between the sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nsru.cache import cache_dir
+from nsru.data import encode_qa, encode_text, has_chat_template, is_qa, load_rows, pad_encodings, pad_token_id, prompt_ids
+from nsru.layer import model_device
+
+GENERIC_PROMPTS: tuple[str, ...] = (
+    "Write a short paragraph about the ocean.",
+    "Explain how a bicycle works.",
+    "What are some tips for a good night's sleep?",
+    "Describe a typical day on a farm.",
+    "How do plants make their food?",
+    "Write a few sentences about the history of a big city.",
+    "What is the difference between weather and climate?",
+    "Give me a simple recipe for vegetable soup.",
+    "Explain what a computer program is.",
+    "Describe the water cycle.",
+    "Why do we have seasons?",
+    "Write a short story about a lost dog.",
+    "What should I pack for a camping trip?",
+    "Explain how vaccines help the body.",
+    "Describe the planets of the solar system.",
+    "What makes a good friend?",
+    "How does a train engine work?",
+    "Tell me about the rainforest and its animals.",
+    "Explain the rules of football in a few sentences.",
+    "How do you learn a new language?",
+    "Describe how bread is made.",
+    "What is electricity?",
+    "Write a paragraph about mountains.",
+    "How do birds fly?",
+    "Explain what an economy is.",
+    "Give advice for a job interview.",
+    "Describe a famous old building and why people visit it.",
+    "What is the role of the heart in the body?",
+    "Explain how the internet sends a message.",
+    "Write a short poem about autumn.",
+    "What are the main kinds of music?",
+    "Explain why exercise is healthy.",
+)
+"""Topic prompts for ``"self"`` samples: everyday and encyclopedic subjects, no named person."""
+
+_FINGERPRINT_VALUES = 4096
+
+
+def _fingerprint(model: nn.Module, tokenizer) -> str:
+    """A short hash that changes when the weights, the config or the tokenizer change."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
+    h.update(str(len(tokenizer)).encode())
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.detach().reshape(-1)[:_FINGERPRINT_VALUES].float().cpu()
+            h.update(flat.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def subjects_of(rows: Sequence[Mapping]) -> list[str]:
+    """The forget subjects to keep out of the statistics: each row's ``subject`` and its last word."""
+    found: set[str] = set()
+    for row in rows:
+        subject = row.get("subject")
+        if isinstance(subject, str) and subject.strip():
+            found.add(subject.strip())
+            last = subject.strip().split()[-1]
+            if len(last) > 3:
+                found.add(last)
+    return sorted(found)
+
+
+def _names_any(text: str, subjects: Sequence[str]) -> bool:
+    return any(re.search(rf"\b{re.escape(s)}\b", text, flags=re.IGNORECASE) for s in subjects)
+
+
+@torch.no_grad()
+def sample_self(
+    model: nn.Module,
+    tokenizer,
+    n: int,
+    *,
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+    cache: str | Path | None = None,
+    batch_size: int = 16,
+    temperature: float = 0.8,
+) -> list[dict]:
+    """``n`` texts the model writes itself, as rows for the statistics.
+
+    With a chat template: answers to ``prompts`` (default :data:`GENERIC_PROMPTS`, cycled), as
+    question-answer rows; without: continuations of BOS, as text rows. Sampling is seeded and
+    leaves the caller's random state alone; results are cached as JSON under ``cache``
+    (``$NSRU_CACHE/self-samples``) by the model's fingerprint and the sampling settings. Rows that
+    name any of ``exclude`` (e.g. :func:`subjects_of` the forget rows) are dropped afterwards, so
+    fewer than ``n`` may come back.
+    """
+    if n <= 0:
+        return []
+    chat = has_chat_template(tokenizer)
+    prompts = list(prompts or GENERIC_PROMPTS) if chat else [""]
+    settings = {"n": n, "prompts": prompts, "max_new_tokens": max_new_tokens, "seed": seed,
+                "temperature": temperature, "model": _fingerprint(model, tokenizer)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    folder = Path(cache) if cache is not None else cache_dir() / "self-samples"
+    path = folder / f"{key}.json"
+    if path.is_file():
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    else:
+        rows = _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, batch_size, temperature)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    return [r for r in rows if not _names_any(r.get("answer", r.get("text", "")), exclude)]
+
+
+def _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, batch_size, temperature) -> list[dict]:
+    device = model_device(model)
+    pad = pad_token_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    rows: list[dict] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for lo in range(0, n, batch_size):
+                chosen = [prompts[i % len(prompts)] for i in range(lo, min(n, lo + batch_size))]
+                enc = [{"input_ids": prompt_ids(tokenizer, p) if chat else _bos(tokenizer)} for p in chosen]
+                batch = pad_encodings(enc, pad, padding_side="left")
+                ids = batch["input_ids"].to(device)
+                out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                     top_p=0.95, pad_token_id=pad)
+                texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+                for prompt, text in zip(chosen, texts):
+                    text = text.strip()
+                    if text:
+                        rows.append({"question": prompt, "answer": text} if chat else {"text": text})
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def _bos(tokenizer) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(tokenizer, "eos_token_id", None)
+    if bos is None:
+        raise ValueError("sampling 'self' texts without a chat template needs a bos or eos token to start from")
+    return [int(bos)]
+
+
+def encode_rows(rows: Sequence[Mapping], tokenizer, max_length: int | None) -> list[dict]:
+    """Encodings of question-answer or text rows (the whole sequence counts for statistics)."""
+    if is_qa(rows):
+        return [encode_qa(tokenizer, r["question"], r["answer"], max_length) for r in rows]
+    return [encode_text(tokenizer, r["text"], max_length) for r in rows]
+
+
+def _budget(encodings: list[dict], tokens: int | None) -> list[dict]:
+    if tokens is None:
+        return encodings
+    kept, used = [], 0
+    for enc in encodings:
+        if used >= tokens:
+            break
+        kept.append(enc)
+        used += len(enc["input_ids"])
+    return kept
+
+
+def stats_encodings(
+    spec,
+    *,
+    model: nn.Module,
+    tokenizer,
+    retain_rows: Sequence[Mapping] | None,
+    forget_rows: Sequence[Mapping],
+    max_length: int | None = None,
+    tokens: int | None = None,
+    self_samples: int = 256,
+    self_max_new_tokens: int = 64,
+    seed: int = 0,
+    cache: str | Path | None = None,
+) -> tuple[list[dict], dict]:
+    """The encodings the retain statistics are collected from, and a report per source
+    (``{name: {"rows", "tokens"}}``); see the module docstring for ``spec``."""
+    sources = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not sources:
+        raise ValueError("stats: give at least one source ('retain', 'self', a corpus, or a list of them)")
+    share = None if tokens is None else max(1, tokens // len(sources))
+    out: list[dict] = []
+    report: dict[str, dict] = {}
+    for i, source in enumerate(sources):
+        if isinstance(source, str) and source == "retain":
+            if retain_rows is None:
+                raise ValueError("stats: 'retain' was asked for but no retain data was given")
+            name, rows = "retain", retain_rows
+        elif isinstance(source, str) and source == "self":
+            name = "self"
+            rows = sample_self(model, tokenizer, self_samples, max_new_tokens=self_max_new_tokens, seed=seed,
+                               exclude=subjects_of(forget_rows), cache=cache)
+            if not rows:
+                raise ValueError("stats: 'self' produced no usable samples (all named a forget subject?)")
+        else:
+            name = f"corpus{i}" if not isinstance(source, (str, Path)) else str(source)
+            rows = load_rows(source, f"stats source {name}")
+        encodings = _budget(encode_rows(rows, tokenizer, max_length), share)
+        report[name] = {"rows": len(encodings), "tokens": sum(len(e["input_ids"]) for e in encodings)}
+        out.extend(encodings)
+    return out, report

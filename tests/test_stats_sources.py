@@ -1,0 +1,100 @@
+"""Where the retain statistics come from: retain data, the model's own samples, corpora, budgets;
+and the layer band that limits which modules get adapters."""
+
+import json
+
+import pytest
+import torch
+
+import nsru
+from nsru.config import ConfigError
+from nsru.stats_sources import sample_self, stats_encodings, subjects_of
+from tinylm import one_thread, trained_world_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def test_self_samples_are_seeded_cached_filtered_and_leave_the_rng_alone(tmp_path, monkeypatch):
+    model, tok, forget, retain = trained_world_model()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = sample_self(model, tok, 12, max_new_tokens=8, seed=1, cache=tmp_path)
+    assert torch.equal(torch.get_rng_state(), state)  # sampling forks the RNG
+    assert len(first) == 12 and all(set(r) == {"text"} for r in first)  # no chat template: from BOS
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    # the cache answers the second call: generation is not run again
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("generated although cached"))
+    assert sample_self(model, tok, 12, max_new_tokens=8, seed=1, cache=tmp_path) == first
+    # another seed is another sample (and another cache entry)
+    monkeypatch.undo()
+    other = sample_self(model, tok, 12, max_new_tokens=8, seed=2, cache=tmp_path)
+    assert other != first and len(list(tmp_path.glob("*.json"))) == 2
+    # rows naming a forget subject are dropped (names in the model's vocabulary are common here)
+    subjects = subjects_of(forget)
+    assert "Anna Novak" in subjects and "Novak" in subjects
+    kept = sample_self(model, tok, 12, max_new_tokens=8, seed=1, cache=tmp_path, exclude=subjects)
+    named = [r for r in first if any(s.lower() in r["text"].lower() for s in subjects)]
+    assert len(kept) == len(first) - len(named)
+    assert not any(s.lower() in r["text"].lower() for r in kept for s in subjects)
+
+
+def test_sources_combine_under_a_token_budget(tmp_path):
+    model, tok, forget, retain = trained_world_model()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Oslo Lima Rome {i} ."}) for i in range(40)))
+    kw = dict(model=model, tokenizer=tok, retain_rows=retain, forget_rows=forget)
+    enc, report = stats_encodings("retain", **kw)
+    assert len(enc) == len(retain) and report == {"retain": {"rows": len(retain), "tokens": report["retain"]["tokens"]}}
+    enc, report = stats_encodings(["retain", str(corpus)], tokens=60, **kw)
+    assert set(report) == {"retain", str(corpus)}
+    for part in report.values():  # each source gets half the budget (the last row may run over)
+        assert 30 <= part["tokens"] < 30 + 20
+    assert len(enc) == sum(p["rows"] for p in report.values())
+    with pytest.raises(ValueError, match="no retain data"):
+        stats_encodings("retain", model=model, tokenizer=tok, retain_rows=None, forget_rows=forget)
+
+
+def test_unlearn_with_self_statistics_reports_leakage_on_retain_and_forget(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSRU_CACHE", str(tmp_path))
+    model, tok, forget, retain = trained_world_model()
+    result = nsru.unlearn(model, tok, forget=forget, retain=retain, stats=["retain", "self"], self_samples=16,
+                          self_max_new_tokens=8, steps=2, batch_size=4, progress=False)
+    assert list((tmp_path / "self-samples").glob("*.json"))
+    for info in result.bases_info.values():
+        assert {"leakage", "leakage_retain", "leakage_forget"} <= set(info)
+        assert 0 < info["k"] <= info["in_features"]
+    # the statistics saw the retain data, so it leaks less than the forget data on average
+    mean = lambda key: sum(v[key] for v in result.bases_info.values()) / len(result.bases_info)
+    assert mean("leakage_retain") < mean("leakage_forget")
+    # projection without retain data is possible when the statistics come from elsewhere
+    model, tok, forget, _ = trained_world_model()
+    result = nsru.unlearn(model, tok, forget=forget, retain=False, stats="self", self_samples=16,
+                          self_max_new_tokens=8, steps=1, batch_size=4, progress=False)
+    assert all(v["k"] > 0 for v in result.bases_info.values())
+
+
+def test_bad_stats_and_layers_are_refused_by_name_before_any_work(tmp_path):
+    model, tok, forget, retain = trained_world_model()
+    with pytest.raises(ConfigError, match="missing.jsonl' is neither 'retain', 'self' nor an existing"):
+        nsru.unlearn(model, tok, forget=forget, retain=retain, stats=["retain", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ConfigError, match="layers must look like"):
+        nsru.unlearn(model, tok, forget=forget, retain=retain, layers="1-x")
+    assert not nsru.nsru_modules(model)
+    with pytest.raises(ValueError, match="needs data for its statistics"):
+        nsru.unlearn(model, tok, forget=forget, retain=False)
+
+
+def test_layer_band_limits_the_adapters():
+    model, tok, forget, retain = trained_world_model()
+    layers = nsru.apply_nsru(model, layers="1")
+    assert layers and all(".layers.1." in n for n in layers)
+    model, *_ = trained_world_model()
+    with pytest.raises(ValueError, match="selects none of the matched modules; their layers are 0-1"):
+        nsru.apply_nsru(model, layers="5-7")
+    model, tok, forget, retain = trained_world_model()
+    result = nsru.unlearn(model, tok, forget=forget, retain=retain, layers=[0], steps=1, batch_size=4, progress=False)
+    assert result.bases_info and all(".layers.0." in n for n in result.bases_info)
