@@ -25,13 +25,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from nsru.atomic import atomic_write
 from nsru.bench.world import World, WorldConfig, format_mc, make_world
 from nsru.cache import cache_dir
 from nsru.data import IGNORE_INDEX, QACollator, encode_qa, encode_text
@@ -100,18 +100,9 @@ class TargetSpec:
 
 
 def _save_atomic(target: Path, write) -> None:
-    """Write into a temporary sibling directory, then rename, so a crash leaves no half model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():  # another process finished first; keep theirs
-            shutil.rmtree(tmp)
-            return
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write a cache entry (a folder) so that a crash leaves no half model; when another process
+    finished the same entry first, keep theirs (entries are keyed by content, so both are equal)."""
+    atomic_write(target, write, directory=True, replace=False)
 
 
 # ----------------------------------------------------------------------------------------------
