@@ -9,244 +9,30 @@ DDP's per-forward hooks do not support without extra flags; an explicit all-redu
 adapter gradients gives the same update.) ``batch_size`` is the global batch, so a run gives the
 same result on any number of processes up to floating-point reduction order.
 
-Checkpoints (``output_dir/checkpoint-<step>/``, written to a temporary folder and renamed, rank 0
-only): ``trainable.safetensors`` (trainable parameters, retain bases, method state),
-``adapter/`` (``nsru.save_adapter``'s files, adapter runs only), ``optimizer.safetensors``
-(AdamW's state tensors), ``rng.safetensors`` (torch RNG states) and ``trainer_state.json``
-(step, data positions, optimizer scalars, Python/NumPy RNG, history). Nothing is pickled.
+The pieces it runs on live beside it: :mod:`nsru.sampler` (the batches), :mod:`nsru.schedule`
+(the learning rate), :mod:`nsru.checkpoint` (the files of a checkpoint, written by rank 0) and
+:mod:`nsru.distributed` (the process group).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import random
-import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from nsru.data import pad_encodings
-
-CHECKPOINT_FORMAT = "nsru-checkpoint"
-LATEST = "latest"
+from nsru.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from nsru.distributed import all_reduce_mean_, barrier, dist_info
+from nsru.sampler import Stream, split
+from nsru.schedule import lr_at
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term or the gradient became NaN/Inf; training stopped before applying it."""
-
-
-# --------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` outside ``torch.distributed``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def init_distributed_from_env() -> bool:
-    """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1) and not yet
-    initialised: NCCL on CUDA, gloo otherwise. Returns whether a process group is active."""
-    if not torch.distributed.is_available():
-        return False
-    if torch.distributed.is_initialized():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return True
-
-
-def _all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
-    rank, world = dist_info()
-    if world == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
-
-
-def _barrier() -> None:
-    if dist_info()[1] > 1:
-        torch.distributed.barrier()
-
-
-# --------------------------------------------------------------------------------------------
-# data streams
-
-
-class Stream:
-    """Deterministic batches from a list of examples.
-
-    Each epoch is a permutation drawn from ``(seed, salt, epoch)``; a step takes the next
-    ``batch_size`` indices of the global order (wrapping into the next epoch), and this process
-    takes every ``world``-th of them. The state is two integers, so resuming is exact.
-    """
-
-    def __init__(self, examples: Sequence[Mapping], batch_size: int, seed: int = 0, salt: int = 0, pad_id: int = 0):
-        if not examples:
-            raise ValueError("cannot draw batches from an empty dataset")
-        self.examples = examples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.salt = salt
-        self.pad_id = pad_id
-        self.epoch = 0
-        self.pos = 0
-        self._perm = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.salt * 7_919 + epoch) % (2**63))
-        return torch.randperm(len(self.examples), generator=gen).tolist()
-
-    def next_indices(self) -> list[int]:
-        out: list[int] = []
-        while len(out) < self.batch_size:
-            if self.pos >= len(self._perm):
-                self.epoch += 1
-                self.pos = 0
-                self._perm = self._permutation(self.epoch)
-            take = min(self.batch_size - len(out), len(self._perm) - self.pos)
-            out.extend(self._perm[self.pos:self.pos + take])
-            self.pos += take
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.epoch = int(state["epoch"])
-        self.pos = int(state["pos"])
-        self._perm = self._permutation(self.epoch)
-
-    def collate(self, indices: Sequence[int]) -> dict[str, dict[str, torch.Tensor]]:
-        """Pad every part (``forget``, ``safe``, ``retain``...) of the chosen examples."""
-        rows = [self.examples[i] for i in indices]
-        return {key: pad_encodings([r[key] for r in rows], self.pad_id) for key in rows[0]}
-
-
-def _split(indices: list[int], parts: int) -> list[list[int]]:
-    size = len(indices) // parts
-    return [indices[i * size:(i + 1) * size] for i in range(parts)]
-
-
-# --------------------------------------------------------------------------------------------
-# schedule
-
-
-def lr_at(step: int, cfg) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
-    warm = cfg.warmup_steps
-    warm = int(round(warm * cfg.steps)) if warm < 1 else int(warm)
-    if warm and step < warm:
-        return cfg.lr * (step + 1) / warm
-    if cfg.schedule == "constant":
-        return cfg.lr
-    span = max(1, cfg.steps - warm)
-    progress = min(1.0, (step - warm) / span)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr * (1.0 - progress)
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoint files
-
-
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    groups = []
-    for g in sd["param_groups"]:
-        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda.{i}"] = s
-    py = random.getstate()
-    meta = {"python": [py[0], list(py[1]), py[2]]}
-    try:
-        import numpy as np
-
-        st = np.random.get_state()
-        meta["numpy"] = [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]
-    except ImportError:  # pragma: no cover
-        pass
-    return tensors, meta
-
-
-def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda."))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "numpy" in meta:
-        import numpy as np
-
-        st = meta["numpy"]
-        np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), st[2], st[3], st[4]))
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in ``output_dir`` (``None`` when there is none)."""
-    out = Path(output_dir)
-    pointer = out / LATEST
-    if pointer.is_file():
-        path = out / pointer.read_text().strip()
-        if (path / "trainer_state.json").is_file():
-            return path
-    found = sorted(
-        (p for p in out.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()
-         and p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    return found[-1] if found else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +106,7 @@ class Trainer:
         parts: list[dict] = [{} for _ in range(accum)]
         for stream in self.streams.values():
             mine = stream.next_indices()[self.rank::self.world]
-            for i, chunk in enumerate(_split(mine, accum)):
+            for i, chunk in enumerate(split(mine, accum)):
                 for key, enc in stream.collate(chunk).items():
                     parts[i][key] = {k: v.to(self.device) for k, v in enc.items()}
         return parts
@@ -356,7 +142,7 @@ class Trainer:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
         for p, g in zip(self.params.values(), grads):
             p.grad = g
-        _all_reduce_mean_(grads)
+        all_reduce_mean_(grads)
         if cfg.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
         else:
@@ -366,7 +152,7 @@ class Trainer:
         self._reproject()
         self.step += 1
         logged = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
-        _all_reduce_mean_([logged])
+        all_reduce_mean_([logged])
         record = {"step": self.step, "lr": lr, **dict(zip(sums, logged.tolist())), "grad_norm": float(norm)}
         self.history.append(record)
         return record
@@ -439,57 +225,21 @@ class Trainer:
             raise ValueError("save_checkpoint needs config.output_dir")
         final = self.output_dir / f"checkpoint-{self.step}"
         if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.output_dir / f".checkpoint-{self.step}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            save_file(self._trainable_tensors(), str(tmp / "trainable.safetensors"))
-            if self.adapters:
-                from nsru.adapt import save_adapter
-
-                save_adapter(self.model, tmp / "adapter")
-            opt_tensors, opt_meta = _optimizer_to_files(self.optimizer)
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            rng_tensors, rng_meta = _rng_state()
-            save_file(rng_tensors, str(tmp / "rng.safetensors"))
             state = {
-                "format": CHECKPOINT_FORMAT,
-                "version": 1,
-                "step": self.step,
                 "method": self.method.name,
                 "world_size": self.world,
                 "streams": {k: s.state_dict() for k, s in self.streams.items()},
-                "optimizer": opt_meta,
-                "rng": rng_meta,
                 "method_state": {k: v for k, v in self.ctx.state.items() if not isinstance(v, torch.Tensor)},
                 "extra": self.extra_state,
                 "config": self.cfg.to_dict(),
                 "history": self.history,
             }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._write_latest(final)
-            self._prune()
-        _barrier()
+            save_checkpoint(self.output_dir, self.step, trainable=self._trainable_tensors(), optimizer=self.optimizer,
+                            state=state, adapter_model=self.model if self.adapters else None,
+                            keep=self.cfg.keep_checkpoints)
+        barrier()
         self.last_checkpoint = final
         return final
-
-    def _write_latest(self, final: Path) -> None:
-        tmp = self.output_dir / (LATEST + ".tmp")
-        tmp.write_text(final.name + "\n")
-        os.replace(tmp, self.output_dir / LATEST)
-
-    def _prune(self) -> None:
-        keep = max(1, int(self.cfg.keep_checkpoints))
-        found = sorted(
-            (p for p in self.output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        for old in found[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self) -> None:
         cfg = self.cfg
@@ -505,14 +255,8 @@ class Trainer:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore parameters, bases, optimizer, data positions, RNG and history from ``path``."""
-        path = Path(path)
-        state_file = path / "trainer_state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer_state.json)")
-        state = json.loads(state_file.read_text())
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{state_file}: not an NSRU checkpoint")
-        tensors = load_file(str(path / "trainable.safetensors"))
+        ckpt = read_checkpoint(path)
+        path, state, tensors = ckpt.path, ckpt.state, ckpt.trainable
         with torch.no_grad():
             for name, p in self.params.items():
                 key = f"param.{name}"
@@ -530,11 +274,11 @@ class Trainer:
             if key.startswith("method."):
                 self.ctx.state[key[len("method."):]] = value
         self.ctx.state.update(state.get("method_state", {}))
-        _optimizer_from_files(self.optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        ckpt.restore_optimizer(self.optimizer)
         for name, s in state["streams"].items():
             if name in self.streams:
                 self.streams[name].load_state_dict(s)
-        _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+        ckpt.restore_rng()
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.last_checkpoint = path

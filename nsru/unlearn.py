@@ -26,11 +26,13 @@ from nsru.layer import model_device, nsru_modules
 from nsru.adapter_init import init_adapters
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
+from nsru.distributed import dist_info, init_distributed_from_env
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
 from nsru.stats_sources import stats_encodings
 from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
-from nsru.train import Stream, Trainer, dist_info, init_distributed_from_env
+from nsru.sampler import Stream
+from nsru.train import Trainer
 
 
 @dataclass

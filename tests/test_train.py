@@ -10,9 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import nsru
+from nsru.checkpoint import latest_checkpoint
 from nsru.config import UnlearnConfig
 from nsru.methods import METHODS, nsru_loss, register_method
-from nsru.train import NonFiniteLossError, Stream, latest_checkpoint, lr_at
+from nsru.sampler import Stream
+from nsru.schedule import lr_at
+from nsru.train import NonFiniteLossError
 from tinylm import one_thread, trained_world_model
 
 HERE = Path(__file__).parent
