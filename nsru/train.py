@@ -60,7 +60,6 @@ class Trainer:
         *,
         adapters: Mapping | None = None,
         eval_fn: Callable | None = None,
-        extra_state: Mapping | None = None,
     ) -> None:
         self.model = model
         self.cfg = config
@@ -70,7 +69,6 @@ class Trainer:
         self.params = dict(params)
         self.adapters = dict(adapters or {})
         self.eval_fn = eval_fn
-        self.extra_state = dict(extra_state or {})
         self.rank, self.world = dist_info()
         per_rank, rest = divmod(config.batch_size, self.world * config.grad_accum)
         if rest or per_rank == 0:
@@ -230,7 +228,6 @@ class Trainer:
                 "world_size": self.world,
                 "streams": {k: s.state_dict() for k, s in self.streams.items()},
                 "method_state": {k: v for k, v in self.ctx.state.items() if not isinstance(v, torch.Tensor)},
-                "extra": self.extra_state,
                 "config": self.cfg.to_dict(),
                 "history": self.history,
             }
