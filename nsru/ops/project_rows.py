@@ -29,14 +29,7 @@ def project_rows_reference_(grads: Sequence[torch.Tensor], bases: Sequence[torch
         g.sub_(((g.to(u.dtype) @ u) @ u.T).to(g.dtype))
 
 
-def project_rows_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> None:
-    """In place, for every i: ``grads[i] ← grads[i] − (grads[i] U_i) U_iᵀ``.
-
-    ``grads[i]`` is ``(r_i, in_i)`` and ``bases[i]`` is ``(in_i, k_i)`` with orthonormal columns
-    (``k_i`` may be 0). All modules are handled in one kernel launch on the Triton backend (taken on
-    CUDA when the group is large enough to fill the GPU, see ``MIN_TRITON_PROGRAMS``, or always
-    with ``NSRU_BACKEND=triton``).
-    """
+def _check(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> None:
     if len(grads) != len(bases):
         raise ValueError(f"project_rows_: got {len(grads)} gradients and {len(bases)} bases")
     for i, (g, u) in enumerate(zip(grads, bases)):
@@ -45,8 +38,18 @@ def project_rows_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) 
                 f"project_rows_: grads[{i}] has shape {tuple(g.shape)} and bases[{i}] {tuple(u.shape)}; "
                 "expected (r, in) and (in, k)"
             )
-    if not grads:
-        return
+        if not (g.is_floating_point() and u.is_floating_point()):
+            raise TypeError(f"project_rows_: grads[{i}] is {g.dtype} and bases[{i}] {u.dtype}; expected floating point")
+        if g.device != u.device:
+            raise ValueError(f"project_rows_: grads[{i}] is on {g.device} and bases[{i}] on {u.device}")
+
+
+# The operator ``nsru::project_rows_(Tensor(a!)[] grads, Tensor[] bases) -> ()``, opaque to
+# torch.compile (which functionalises the mutation of ``grads``). Not a ``triton_op``: the grouped
+# kernel reads a table of raw addresses built on the host, which no tracer can follow.
+@torch.library.custom_op("nsru::project_rows_", mutates_args=("grads",))
+def _project_rows_op(grads: list[torch.Tensor], bases: list[torch.Tensor]) -> None:
+    _check(grads, bases)
     if use_triton(*grads, *bases):
         from nsru.kernels import project_rows as kernel
 
@@ -54,3 +57,21 @@ def project_rows_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) 
             kernel.project_rows_triton_(grads, bases)
             return
     project_rows_reference_(grads, bases)
+
+
+@_project_rows_op.register_fake
+def _project_rows_fake(grads, bases) -> None:
+    _check(grads, bases)
+
+
+def project_rows_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> None:
+    """In place, for every i: ``grads[i] ← grads[i] − (grads[i] U_i) U_iᵀ``.
+
+    ``grads[i]`` is ``(r_i, in_i)`` and ``bases[i]`` is ``(in_i, k_i)`` with orthonormal columns
+    (``k_i`` may be 0). All modules are handled in one kernel launch on the Triton backend (taken on
+    CUDA when the group is large enough to fill the GPU, see ``MIN_TRITON_PROGRAMS``, or always
+    with ``NSRU_BACKEND=triton``). The work is done by the operator ``torch.ops.nsru.project_rows_``.
+    """
+    _check(grads, bases)
+    if grads:  # an empty list has no tensor to dispatch on
+        torch.ops.nsru.project_rows_(list(grads), list(bases))
