@@ -7,10 +7,15 @@
 
 W is ``(out, in)`` in the compute dtype of X (fp32, bf16 or fp16); A ``(r, in)``, B ``(out, r)`` and
 U ``(in, k)`` are fp32. The forward/backward pairs below are the torch reference; the Triton
-kernels in ``nsru.kernels.lowrank_linear`` have the same signatures.
+kernels in ``nsru.kernels.lowrank_linear`` have the same signatures. Both are served by the
+``torch.library`` operators ``torch.ops.nsru.lowrank_linear`` (forward, with its autograd formula)
+and ``torch.ops.nsru.lowrank_linear_backward``; :func:`lowrank_linear` is their Python face.
 """
 
 from __future__ import annotations
+
+import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -92,50 +97,146 @@ def lowrank_linear_backward_reference(
     return dx, d_a, d_b
 
 
-class _LowRankLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, basis, scaling):
-        in_features = x.shape[-1]
-        x2d = x.reshape(-1, in_features)
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Autocast picks the GEMM dtype (as for nn.Linear); the adapters stay in their own dtype.
-            dtype = torch.get_autocast_dtype(device_type)
-            x2d, weight = x2d.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        ctx.device_type = device_type
-        with torch.autocast(device_type, enabled=False):
-            a_tilde = null_space_factor(lora_A, basis)
-            if use_triton(x2d, weight):
-                from nsru.kernels.lowrank_linear import lowrank_linear_forward_triton as forward
-            else:
-                forward = lowrank_linear_forward_reference
-            y, s = forward(x2d, weight, bias, a_tilde, lora_B, scaling)
-        ctx.save_for_backward(x2d, weight, a_tilde, lora_B, s, basis)
-        ctx.scaling = scaling
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+# ---------------------------------------------------------------- the operators
+#
+# ``nsru::lowrank_linear`` and ``nsru::lowrank_linear_backward`` are ``torch.library.custom_op``s,
+# with a shape function each (``register_fake``) and the forward's backward formula
+# (``register_autograd``), so torch.compile traces a model through them as single nodes
+# (``fullgraph=True`` works) and ``torch.library.opcheck`` tests their contracts. They stay opaque
+# to the compiler rather than ``triton_op``s: on the CPU the torch reference is a deliberate
+# sequence of in-place GEMMs (``addmm_`` onto the low-rank term) that Inductor would re-plan, and on
+# CUDA the TMA kernel needs an autotuner pre-hook, which ``wrap_triton`` does not support. Which
+# implementation runs (``NSRU_BACKEND``) is decided inside, at every call.
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, a_tilde, lora_B, s, basis = ctx.saved_tensors
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        if dy2d.dtype != x2d.dtype:
-            dy2d = dy2d.to(x2d.dtype)
-        needs_dx = ctx.needs_input_grad[0]
-        with torch.autocast(ctx.device_type, enabled=False):
-            if use_triton(dy2d, weight):
-                from nsru.kernels.lowrank_linear import lowrank_linear_backward_triton as backward
-            else:
-                backward = lowrank_linear_backward_reference
-            dx, d_a, d_b = backward(dy2d, x2d, weight, a_tilde, lora_B, s, ctx.scaling, needs_dx)
-            project_rows_([d_a], [basis])
-            d_weight = dy2d.T @ x2d if ctx.needs_input_grad[1] else None
-            d_bias = dy2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
-        return dx, d_weight, d_bias, d_a, d_b, None, None
+
+def _check_forward(x, weight, bias, lora_A, lora_B, basis) -> None:
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"lowrank_linear: x has shape {tuple(x.shape)} and weight {tuple(weight.shape)}; "
+            "expected (..., in) and (out, in)"
+        )
+    out_features, in_features = weight.shape
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"lowrank_linear: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lowrank_linear: lora_A has shape {tuple(lora_A.shape)}, expected (r, {in_features})")
+    rank = lora_A.shape[0]
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lowrank_linear: lora_B has shape {tuple(lora_B.shape)}, expected ({out_features}, {rank})")
+    if basis.dim() != 2 or basis.shape[0] != in_features:
+        raise ValueError(f"lowrank_linear: basis has shape {tuple(basis.shape)}, expected ({in_features}, k)")
+    if not (lora_A.dtype == lora_B.dtype == basis.dtype and lora_A.is_floating_point()):
+        raise TypeError(
+            f"lowrank_linear: lora_A, lora_B and basis must share one floating dtype, got "
+            f"{lora_A.dtype}, {lora_B.dtype} and {basis.dtype}"
+        )
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for the GEMMs inside the ops (the wrapper already chose their dtypes); a no-op
+    context when it is off anyway, which saves its cost on every call."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
+def _s_dtype(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
+    """dtype of the saved ``S``: fp32 from the Triton kernels, the adapters' dtype from the reference."""
+    return torch.float32 if use_triton(x, weight) else lora_A.dtype
+
+
+@torch.library.custom_op("nsru::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    basis: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Y, S, Ã)``: Y of shape ``(..., out)``, and ``S = X Ãᵀ`` (M, r) and ``Ã`` (r, in) for the backward."""
+    _check_forward(x, weight, bias, lora_A, lora_B, basis)
+    x2d = x.reshape(-1, x.shape[-1])
+    with _no_autocast(x.device.type):
+        a_tilde = null_space_factor(lora_A, basis)
+        # an output may not alias an input (k = 0 returns lora_A itself): an r x in copy
+        a_tilde = a_tilde.clone(memory_format=torch.contiguous_format) if a_tilde is lora_A else a_tilde.contiguous()
+        if use_triton(x2d, weight):
+            from nsru.kernels.lowrank_linear import lowrank_linear_forward_triton as forward
+        else:
+            forward = lowrank_linear_forward_reference
+        y, s = forward(x2d, weight, bias, a_tilde, lora_B, scaling)
+    # S is a column slice of [S, 1] on the reference path with a bias: an M x r copy, free beside the GEMM
+    return y.reshape(*x.shape[:-1], y.shape[-1]), s.contiguous(), a_tilde
+
+
+@_lowrank_linear_op.register_fake
+def _lowrank_linear_fake(x, weight, bias, lora_A, lora_B, basis, scaling):
+    _check_forward(x, weight, bias, lora_A, lora_B, basis)
+    rows = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    s = x.new_empty((rows, lora_A.shape[0]), dtype=_s_dtype(x, weight, lora_A))
+    return y, s, lora_A.new_empty(lora_A.shape)
+
+
+@torch.library.custom_op("nsru::lowrank_linear_backward", mutates_args=())
+def _lowrank_linear_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    a_tilde: torch.Tensor,
+    lora_B: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    needs_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX, dÃ, dB)`` of :func:`lowrank_linear` for ``dy`` (..., out) and ``x`` (..., in); dÃ is not
+    yet projected. dX has x's shape and dtype, or is an empty tensor when ``needs_dx`` is false."""
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1])
+    if dy2d.dtype != x2d.dtype:
+        dy2d = dy2d.to(x2d.dtype)
+    with _no_autocast(x.device.type):
+        if use_triton(dy2d, weight):
+            from nsru.kernels.lowrank_linear import lowrank_linear_backward_triton as backward
+        else:
+            backward = lowrank_linear_backward_reference
+        dx, d_a, d_b = backward(dy2d, x2d, weight, a_tilde, lora_B, s, scaling, needs_dx)
+    dx = dx.reshape(x.shape) if dx is not None else x.new_empty(0)
+    return dx, d_a, d_b
+
+
+@_lowrank_linear_backward_op.register_fake
+def _lowrank_linear_backward_fake(dy, x, weight, a_tilde, lora_B, s, scaling, needs_dx):
+    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+    return dx, a_tilde.new_empty(a_tilde.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_A, lora_B, basis, scaling = inputs
+    _, s, a_tilde = output
+    ctx.mark_non_differentiable(s, a_tilde)  # saved for the backward, not results
+    ctx.save_for_backward(x, weight, lora_B, basis, s, a_tilde)
+    ctx.scaling = scaling
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _ds, _da_tilde):
+    x, weight, lora_B, basis, s, a_tilde = ctx.saved_tensors
+    needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    dx, d_a, d_b = torch.ops.nsru.lowrank_linear_backward(dy, x, weight, a_tilde, lora_B, s, ctx.scaling, needs_dx)
+    if basis.shape[1]:  # ∂L/∂A = (∂L/∂Ã) P⊥, in place on the fresh dÃ (DESIGN §1.4)
+        torch.ops.nsru.project_rows_([d_a], [basis])
+    d_weight = d_bias = None
+    if needs_dw or (ctx.has_bias and needs_db):
+        # a frozen base (the usual case) skips this
+        with _no_autocast(x.device.type):
+            dy2d = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
+            d_weight = dy2d.T @ x.reshape(-1, x.shape[-1]) if needs_dw else None
+            d_bias = dy2d.sum(0) if ctx.has_bias and needs_db else None
+    return dx if needs_dx else None, d_weight, d_bias, d_a, d_b, None, None
+
+
+_lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lowrank_linear(
@@ -147,8 +248,16 @@ def lowrank_linear(
     basis: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """``X Wᵀ + b + s·(X Ãᵀ) Bᵀ`` for ``x`` of any leading shape, differentiable in x, A and B.
+    """``X Wᵀ + b + s·(X Ãᵀ) Bᵀ`` for ``x`` of any leading shape, differentiable in x, W, b, A and B.
 
-    The gradient reaching ``lora_A`` is already projected onto the null space of ``basis``.
+    The gradient reaching ``lora_A`` is already projected onto the null space of ``basis``. Under
+    autocast the base GEMM runs in the autocast dtype (as ``nn.Linear``'s) and the adapters stay in
+    their own. The work is done by the operator ``torch.ops.nsru.lowrank_linear``.
     """
-    return _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, basis, scaling)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    y, _, _ = torch.ops.nsru.lowrank_linear(x, weight, bias, lora_A, lora_B, basis, float(scaling))
+    return y
