@@ -272,6 +272,20 @@ def test_lowrank_linear_triton_matches_reference_with_gradients(dtype, basis, bi
         assert (got[2] @ u).abs().max() < 1e-4  # lora_A's gradient lies in the null space
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+@pytest.mark.parametrize("basis", [0, 9, 40])  # none, some, all of the width
+@pytest.mark.parametrize("rank", [1, 8])
+def test_opcheck_on_the_triton_path(dtype, basis, rank):
+    # the ops' contracts (schema, fake, autograd, AOTAutograd) hold with the Triton kernels inside
+    x, w, bias, a, b, u = _problem(2 * 11, 40, 29, rank, dtype, seed=rank, basis=basis)
+    x = x.reshape(2, 11, 40)
+    for t in (x, a, b):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.nsru.lowrank_linear.default, (x, w, bias if rank > 1 else None, a, b, u, 0.5))
+    grads = [torch.randn(rank, 40, device=DEVICE, dtype=dtype), torch.randn(3, 19, device=DEVICE, dtype=dtype)]
+    torch.library.opcheck(torch.ops.nsru.project_rows_.default, (grads, [u, _orthonormal(19, 5, seed=2)]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_nsru_linear_triton_matches_reference(dtype, monkeypatch):
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
-"""``nsru.ops.lowrank_linear`` and ``project_rows_`` on the torch reference path: the math itself.
+"""``nsru.ops.lowrank_linear`` and ``project_rows_`` on the torch reference path: the math itself,
+and the contracts of their ``torch.library`` operators (``opcheck``).
 
-(The Triton kernels are compared with these references in ``test_kernels.py``.)
+(The Triton kernels are compared with these references in ``test_kernels.py``; a whole model through
+the operators under ``torch.compile`` is in ``test_compile.py``.)
 """
 
 from __future__ import annotations
@@ -110,3 +112,90 @@ def test_autocast_runs_the_gemm_in_the_autocast_dtype():
     expected = x @ w.T + b + x @ null_space_factor(a, u).T @ bb.T
     torch.testing.assert_close(y.float(), expected, atol=1e-1, rtol=2e-2)
     assert (a.grad @ u).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- the operators' contracts (opcheck)
+#
+# torch.library.opcheck runs each op against its schema, its fake (shape function), its autograd
+# registration and AOTAutograd with dynamic shapes. Adapters are fp32 as in NSRULinear; X and W in
+# each dtype the CPU path takes.
+
+OP_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _op_problem(dtype, r, k, lead=(2, 5), width=13, out=7, bias=True, seed=0):
+    """Ragged sizes (no power of two), a 3-D input and a basis of ``k`` columns (0 ≤ k ≤ width)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, width, generator=g).to(dtype)
+    w = (torch.randn(out, width, generator=g) / width**0.5).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype) if bias else None
+    a = torch.randn(r, width, generator=g) / width**0.5
+    bb = torch.randn(out, r, generator=g)
+    u = torch.zeros(width, 0)
+    if k:
+        u = torch.linalg.qr(torch.randn(width, k, generator=g, dtype=torch.float64))[0].float()
+    return x, w, b, a, bb, u
+
+
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+@pytest.mark.parametrize("k", [0, 5, 13])  # empty, partial and full basis
+@pytest.mark.parametrize("r", [1, 3])
+def test_opcheck_lowrank_linear(dtype, k, r):
+    x, w, b, a, bb, u = _op_problem(dtype, r, k, bias=r > 1)
+    for t in (x, a, bb):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.nsru.lowrank_linear.default, (x, w, b, a, bb, u, 0.5))
+
+
+def test_opcheck_lowrank_linear_frozen_input_trainable_base():
+    # no gradient for X (the first layer's inputs come from frozen embeddings), one for W and b
+    x, w, b, a, bb, u = _op_problem(torch.float32, 4, 6, lead=(9,))
+    for t in (w, b, a, bb):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.nsru.lowrank_linear.default, (x, w, b, a, bb, u, -1.5))
+
+
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+@pytest.mark.parametrize("needs_dx", [True, False])
+def test_opcheck_lowrank_linear_backward(dtype, needs_dx):
+    x, w, b, a, bb, u = _op_problem(dtype, 3, 5)
+    _, s, a_tilde = torch.ops.nsru.lowrank_linear(x, w, b, a, bb, u, 0.5)
+    dy = torch.randn(*x.shape[:-1], w.shape[0]).to(dtype)
+    torch.library.opcheck(torch.ops.nsru.lowrank_linear_backward.default, (dy, x, w, a_tilde, bb, s, 0.5, needs_dx))
+    dx, d_a, d_b = torch.ops.nsru.lowrank_linear_backward(dy, x, w, a_tilde, bb, s, 0.5, needs_dx)
+    assert dx.shape == (x.shape if needs_dx else (0,)) and dx.dtype == dtype
+    assert d_a.shape == a.shape and d_b.shape == bb.shape and d_a.dtype == d_b.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+def test_opcheck_project_rows(dtype):
+    # one call over modules of ranks 1-3 and widths 13/7/20 with an empty, a full and a partial basis
+    g = torch.Generator().manual_seed(1)
+    sizes = [(1, 13, 0), (3, 7, 7), (2, 20, 9)]
+    grads = [torch.randn(r, width, generator=g).to(dtype) for r, width, _ in sizes]
+    bases = [_op_problem(torch.float32, 1, k, width=width)[5] for _, width, k in sizes]
+    torch.library.opcheck(torch.ops.nsru.project_rows_.default, (grads, bases))
+    before = [grad.clone() for grad in grads]
+    project_rows_(grads, bases)
+    torch.testing.assert_close(grads[0], before[0], atol=0, rtol=0)  # k = 0: untouched
+    assert grads[1].float().abs().max() < (1e-5 if dtype == torch.float32 else 1e-2)  # full basis: nothing left
+    assert (grads[2].float() @ bases[2]).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+BAD_OP_ARGS = [
+    ("width", lambda x, w, b, a, bb, u: (x[..., :-1], w, b, a, bb, u), ValueError, r"x has shape \(2, 5, 12\)"),
+    ("bias", lambda x, w, b, a, bb, u: (x, w, b[:-1], a, bb, u), ValueError, r"bias has shape \(6,\)"),
+    ("lora_A", lambda x, w, b, a, bb, u: (x, w, b, a[:, :-1], bb, u), ValueError, r"lora_A has shape \(3, 12\)"),
+    ("lora_B", lambda x, w, b, a, bb, u: (x, w, b, a, bb.T, u), ValueError, r"lora_B has shape \(3, 7\)"),
+    ("basis", lambda x, w, b, a, bb, u: (x, w, b, a, bb, u[:-1]), ValueError, r"basis has shape \(12, 5\)"),
+    ("dtype", lambda x, w, b, a, bb, u: (x, w, b, a, bb, u.double()), TypeError, "share one floating dtype"),
+]
+
+
+@pytest.mark.parametrize("name,make,error,match", BAD_OP_ARGS, ids=[case[0] for case in BAD_OP_ARGS])
+def test_lowrank_linear_op_refuses_bad_arguments(name, make, error, match):
+    args = make(*_op_problem(torch.float32, 3, 5))
+    with pytest.raises(error, match=match):
+        torch.ops.nsru.lowrank_linear(*args, 1.0)
+    with pytest.raises(error, match=match), torch._subclasses.FakeTensorMode() as fake:  # the shape function too
+        torch.ops.nsru.lowrank_linear(*(fake.from_tensor(t) if t is not None else None for t in args), 1.0)
