@@ -31,7 +31,8 @@ from nsru.adapt import save_adapter
 from nsru.atomic import atomic_write
 
 CHECKPOINT_FORMAT = "nsru-checkpoint"
-CHECKPOINT_VERSION = 1
+# 2: trainer_state.json holds the LR scheduler's state (and no longer an unused "extra" entry).
+CHECKPOINT_VERSION = 2
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from nsru.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from nsru.distributed import all_reduce_mean_, barrier, dist_info
 from nsru.sampler import Stream, split
-from nsru.schedule import lr_at
+from nsru.schedule import lr_scheduler
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,6 +86,7 @@ class Trainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps)
+        self.scheduler = lr_scheduler(self.optimizer, config)
         self.step = 0
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
@@ -125,9 +126,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg
-        lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for batch in self._micro_batches():
@@ -147,6 +146,7 @@ class Trainer:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self._check_finite({"gradient norm": norm}, "gradient")
         self.optimizer.step()
+        self.scheduler.step()
         self._reproject()
         self.step += 1
         logged = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
@@ -227,6 +227,7 @@ class Trainer:
                 "method": self.method.name,
                 "world_size": self.world,
                 "streams": {k: s.state_dict() for k, s in self.streams.items()},
+                "scheduler": self.scheduler.state_dict(),
                 "method_state": {k: v for k, v in self.ctx.state.items() if not isinstance(v, torch.Tensor)},
                 "config": self.cfg.to_dict(),
                 "history": self.history,
@@ -277,5 +278,17 @@ class Trainer:
                 self.streams[name].load_state_dict(s)
         ckpt.restore_rng()
         self.step = int(state["step"])
+        self._restore_schedule(state.get("scheduler"))
         self.history = list(state["history"])
         self.last_checkpoint = path
+
+    def _restore_schedule(self, saved: Mapping | None) -> None:
+        """Put the LR scheduler where the checkpoint left it (after ``self.step`` steps). Version-1
+        checkpoints have no scheduler state; the position then follows from the step alone."""
+        if saved is None:
+            lrs = [base * fn(self.step) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+            saved = {**self.scheduler.state_dict(), "last_epoch": self.step, "_step_count": self.step + 1,
+                     "_last_lr": lrs}
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+        self.scheduler.load_state_dict(dict(saved))

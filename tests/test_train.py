@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from nsru.checkpoint import latest_checkpoint
 from nsru.config import UnlearnConfig
 from nsru.methods import METHODS, nsru_loss, register_method
 from nsru.sampler import Stream
-from nsru.schedule import lr_at
+from nsru.schedule import lr_scheduler, warmup_steps
 from nsru.train import NonFiniteLossError
 from tinylm import one_thread, trained_world_model
 
@@ -32,13 +33,27 @@ def adapter_params(model) -> dict[str, torch.Tensor]:
             for p in ("lora_A", "lora_B")}
 
 
+def _lrs(**kw) -> list[float]:
+    """The LR of each optimizer step, stepping the scheduler as the Trainer does."""
+    cfg = UnlearnConfig(lr=1.0, steps=10, **kw)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = lr_scheduler(opt, cfg)
+    out = []
+    for _ in range(cfg.steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_schedule():
-    cfg = UnlearnConfig(lr=1.0, steps=10, warmup_steps=2, schedule="linear")
-    assert [lr_at(s, cfg) for s in range(3)] == [0.5, 1.0, 1.0]
-    assert lr_at(9, cfg) == pytest.approx(1 / 8)
-    cos = cfg.replace(schedule="cosine", warmup_steps=0)
-    assert lr_at(0, cos) == 1.0 and lr_at(5, cos) == pytest.approx(0.5)
-    assert lr_at(7, cfg.replace(schedule="constant", warmup_steps=0.2)) == 1.0
+    # transformers' warm-up: step / warmup, so the first step of a warm-up runs at 0.
+    linear = _lrs(warmup_steps=2, schedule="linear")
+    assert linear[:3] == [0.0, 0.5, 1.0] and linear[9] == pytest.approx(1 / 8)
+    cos = _lrs(warmup_steps=0, schedule="cosine")
+    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5)
+    assert warmup_steps(UnlearnConfig(steps=10, warmup_steps=0.2)) == 2  # below 1: a fraction of the steps
+    assert _lrs(schedule="constant", warmup_steps=0.2) == [0.0, 0.5] + [1.0] * 8
 
 
 def test_stream_is_deterministic_and_resumable():
@@ -82,6 +97,16 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     for name, value in reference.items():
         assert torch.equal(got[name], value), name
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history]  # the schedule resumed in place
+
+    # A version-1 checkpoint (no scheduler state) resumes to the same bits: the position follows the step.
+    old = tmp_path / "v1" / "checkpoint-4"
+    shutil.copytree(tmp_path / "run" / "checkpoint-4", old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["scheduler"]
+    (old / "trainer_state.json").write_text(json.dumps({**state, "version": 1}))
+    again = _run(tmp_path, output_dir=str(tmp_path / "v1"), resume=str(old))
+    assert all(torch.equal(adapter_params(again.model)[k], v) for k, v in reference.items())
 
     ckpt = tmp_path / "run" / "checkpoint-8"
     assert {p.name for p in ckpt.iterdir()} == {
