@@ -21,16 +21,16 @@ import torch
 from torch import nn
 
 from nsru.adapt import apply_nsru
-from nsru.layer import model_device, nsru_modules
 from nsru.adapter_init import init_adapters
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
-from nsru.distributed import dist_info, init_distributed_from_env
+from nsru.distributed import all_reduce_mean_, dist_info, init_distributed_from_env
+from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
 from nsru.stats_sources import stats_encodings
-from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
 from nsru.sampler import Stream
+from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
 from nsru.train import Trainer
 
 
@@ -117,13 +117,10 @@ def _sources(spec) -> list:
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    rank, world = dist_info()
-    if world == 1 or not values:
-        return values
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return dict(zip(keys, (t / world).tolist()))
+    all_reduce_mean_([t])
+    return dict(zip(keys, t.tolist()))
 
 
 def unlearn(

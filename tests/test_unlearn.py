@@ -55,7 +55,9 @@ BASELINES = ["ga", "graddiff", "npo", "simnpo", "idkdpo"]
 def test_baselines_lower_the_forget_answers(method):
     model, tok, forget, retain = trained_world_model()
     before = mean(answer_probs(model, tok, forget))
-    result = nsru.unlearn(model, tok, forget=forget, retain=retain, method=method, steps=20, batch_size=4,
+    # 30 steps: SimNPO's length-normalised term moves slowest (0.57 of before after 20 steps once the
+    # warm-up starts at lr 0, as transformers' schedules do)
+    result = nsru.unlearn(model, tok, forget=forget, retain=retain, method=method, steps=30, batch_size=4,
                           lr=1e-2, progress=False)
     assert result.config.project is False  # baselines use plain LoRA unless asked otherwise
     assert mean(answer_probs(model, tok, forget)) < 0.5 * before
@@ -139,7 +141,7 @@ def test_inputs_config_and_errors(tmp_path):
     model, tok, forget, retain = trained_world_model()
     with pytest.raises(DataError, match="empty forget set"):
         nsru.unlearn(model, tok, forget=[], retain=retain)
-    with pytest.raises(ValueError, match="needs retain data for its statistics"):
+    with pytest.raises(ValueError, match="needs data for its statistics"):
         nsru.unlearn(model, tok, forget=forget, retain=False)
     # retain=False with projection off: plain LoRA without a retain term.
     res = nsru.unlearn(model, tok, forget=forget, retain=False, project=False, steps=2, batch_size=2, progress=False)
