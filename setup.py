@@ -43,6 +43,7 @@ def _extension():
 setup(
     packages=find_packages(include=["nsru", "nsru.*"]) + ["nsru.kernels"],
     package_dir={"nsru": "nsru", "nsru.kernels": "kernels"},
+    package_data={"nsru.bench": ["data/*.json"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

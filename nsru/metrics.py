@@ -31,13 +31,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from nsru.data import IGNORE_INDEX, QACollator, encode_qa, pad_encodings, pad_token_id, prompt_ids
+from nsru.data import IGNORE_INDEX, QACollator, encode_qa, encode_text, pad_encodings, pad_token_id, prompt_ids
 from nsru.layer import model_device
 from nsru.objectives import sequence_logprob
 from nsru.safe_targets import is_safe_response
 
 __all__ = [
+    "answer_logprob",
     "answer_nll",
+    "cloze_accuracy",
+    "perplexity",
     "probability",
     "truth_ratio",
     "generate",
@@ -82,23 +85,129 @@ def _require(rows: Sequence[Mapping], fields: Sequence[str], what: str) -> None:
 
 
 @torch.no_grad()
-def answer_nll(model, tokenizer, questions: Sequence[str], answers: Sequence[str], batch_size: int = 64,
-               max_length: int | None = None, progress: bool = False, desc: str = "scoring") -> list[float]:
-    """Mean token negative log-likelihood of each answer given its question (eos included)."""
+def answer_logprob(model, tokenizer, questions: Sequence[str], answers: Sequence[str], batch_size: int = 64,
+                   max_length: int | None = None, progress: bool = False,
+                   desc: str = "scoring") -> tuple[list[float], list[int]]:
+    """Summed log-probability of each answer given its question (eos included), and its token count."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     model.eval()
     device = model_device(model)
     collate = QACollator(tokenizer)
-    out: list[float] = []
-    spans = _batches(len(questions), batch_size)
+    sums: list[float] = []
+    counts: list[int] = []
+    # Similar lengths share a batch, so little of each forward is padding.
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i]) + len(answers[i]))
+    spans = _batches(len(order), batch_size)
     for lo, hi in _bar(spans, len(spans), desc, progress):
-        batch = collate([encode_qa(tokenizer, q, a, max_length) for q, a in zip(questions[lo:hi], answers[lo:hi])])
+        idx = order[lo:hi]
+        batch = collate([encode_qa(tokenizer, questions[i], answers[i], max_length) for i in idx])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp, count = sequence_logprob(logits, batch["labels"])
-        out.extend((-logp / count.clamp(min=1)).tolist())
+        sums.extend(logp.tolist())
+        counts.extend(count.tolist())
+    out_sums, out_counts = [0.0] * len(order), [0] * len(order)
+    for j, i in enumerate(order):
+        out_sums[i], out_counts[i] = sums[j], counts[j]
+    return out_sums, out_counts
+
+
+def answer_nll(model, tokenizer, questions: Sequence[str], answers: Sequence[str], batch_size: int = 64,
+               max_length: int | None = None, progress: bool = False, desc: str = "scoring") -> list[float]:
+    """Mean token negative log-likelihood of each answer given its question (eos included)."""
+    sums, counts = answer_logprob(model, tokenizer, questions, answers, batch_size, max_length, progress, desc)
+    return [-s / max(n, 1) for s, n in zip(sums, counts)]
+
+
+def cloze_accuracy(model, tokenizer, rows: Sequence[Mapping], batch_size: int = 64, progress: bool = False) -> dict:
+    """Multiple choice by answer likelihood (lm-eval's cloze ``acc``): the choice whose answer has
+    the highest summed log-probability after the question's prompt wins.
+
+    Rows have ``question``, ``choices`` and ``answer`` (the right choice's index); with
+    ``answer_text`` (a sentence that contains the right choice) each candidate is that sentence with
+    the right choice replaced by the candidate choice, so the model scores the choice in context.
+    Small chat models that cannot pick letters (chance on letter-scored multiple choice) are scored
+    well above chance this way. Returns ``{"acc", "values", "preds", "loglik"}``.
+    """
+    _require(rows, ("question", "choices", "answer"), "cloze_accuracy")
+    prompts, candidates = [], []
+    for i, row in enumerate(rows):
+        gold = row["answer"]
+        if not isinstance(gold, int) or not 0 <= gold < len(row["choices"]):
+            raise ValueError(f"cloze_accuracy: row {i}: answer {gold!r} is not an index into its {len(row['choices'])} choices")
+        sentence = row.get("answer_text")
+        right = row["choices"][gold]
+        if sentence is not None and right.lower() not in sentence.lower():
+            raise ValueError(f"cloze_accuracy: row {i}: answer_text {sentence!r} does not contain the right choice {right!r}")
+        encoded = [encode_qa(tokenizer, row["question"], _replace_ci(sentence, right, c) if sentence is not None else c)
+                   for c in row["choices"]]
+        cut = sum(1 for label in encoded[0]["labels"] if label == IGNORE_INDEX)
+        prompts.append(encoded[0]["input_ids"][:cut])
+        candidates.append([e["input_ids"][cut:] for e in encoded])
+    scores = _continuation_logprobs(model, pad_token_id(tokenizer), prompts, candidates, max(1, batch_size // 4),
+                                    progress)
+    preds = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    values = [p == r["answer"] for p, r in zip(preds, rows)]
+    return {"acc": sum(values) / len(values), "values": values, "preds": preds, "loglik": scores}
+
+
+@torch.no_grad()
+def _continuation_logprobs(model, pad: int, prompts: list[list[int]], candidates: list[list[list[int]]],
+                           rows_per_batch: int, progress: bool) -> list[list[float]]:
+    """Summed log-probability of each candidate continuation of each prompt. The prompt runs once
+    per row and its key-value cache serves all of the row's candidates (a chat prompt is most of
+    each sequence, so this is 2-3x fewer tokens than scoring every candidate sequence whole)."""
+    model.eval()
+    device = model_device(model)
+    out: list[list[float]] = [[] for _ in prompts]
+    # rows with the same number of candidates share a batch (the cache is repeated per row)
+    order = sorted(range(len(prompts)), key=lambda i: (len(candidates[i]), len(prompts[i])))
+    spans = [order[lo:lo + rows_per_batch] for lo in range(0, len(order), rows_per_batch)]
+    spans = [[i for i in s if len(candidates[i]) == n] for s in spans for n in sorted({len(candidates[i]) for i in s})]
+    for idx in _bar(spans, len(spans), "cloze", progress):
+        k = len(candidates[idx[0]])
+        batch = pad_encodings([{"input_ids": prompts[i]} for i in idx], pad, padding_side="left")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(k)
+        cont = pad_encodings([{"input_ids": c} for i in idx for c in candidates[i]], pad)
+        cids, cmask = cont["input_ids"].to(device), cont["attention_mask"].to(device)
+        cpos = positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(cids.shape[1], device=device)
+        second = model(input_ids=cids, attention_mask=torch.cat([mask.repeat_interleave(k, 0), cmask], 1),
+                       position_ids=cpos, cache=cache)
+        head = first.logits[:, -1].float().log_softmax(-1).repeat_interleave(k, 0).gather(1, cids[:, :1])
+        rest = second.logits[:, :-1].float().log_softmax(-1).gather(2, cids[:, 1:, None]).squeeze(-1)
+        sums = (torch.cat([head, rest], 1) * cmask).sum(1).view(len(idx), k)
+        for i, row in zip(idx, sums.tolist()):
+            out[i] = row
     return out
+
+
+def _replace_ci(text: str, old: str, new: str) -> str:
+    start = text.lower().index(old.lower())
+    return text[:start] + new + text[start + len(old):]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int | None = 512) -> float:
+    """``exp`` of the mean token negative log-likelihood over all ``texts`` (bos excluded, eos included)."""
+    if not texts:
+        raise ValueError("perplexity: no texts")
+    model.eval()
+    device = model_device(model)
+    pad = pad_token_id(tokenizer)
+    total, count = 0.0, 0
+    for lo, hi in _batches(len(texts), batch_size):
+        batch = pad_encodings([encode_text(tokenizer, t, max_length) for t in texts[lo:hi]], pad)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp, n = sequence_logprob(logits, batch["labels"])
+        total -= float(logp.sum())
+        count += int(n.sum())
+    return math.exp(total / count)
 
 
 def probability(model, tokenizer, rows: Sequence[Mapping], field: str = "answer", batch_size: int = 64,

@@ -146,3 +146,48 @@ def test_bad_rows_are_named(model, tok):
         M.probability(model, tok, [{"question": "q?", "answer": "a"}, {"question": "q?"}])
     with pytest.raises(ValueError, match="empty"):
         M.truth_ratio(model, tok, [])
+
+
+def test_cloze_accuracy_picks_the_most_likely_answer(model, tok, world):
+    rows = world.split("forget10")[:5]
+    mc = []
+    for i, r in enumerate(rows):
+        # the row's answer sentence with its subject swapped for other people: the subject is the "choice"
+        subject = r["subject"]
+        others = sorted({p["subject"] for p in world.split("retain90")} - {subject})[:3]
+        mc.append({"question": r["question"], "choices": others[:i % 4] + [subject] + others[i % 4:],
+                   "answer": i % 4, "answer_text": r["answer"]})
+    got = M.cloze_accuracy(model, tok, mc, batch_size=3)
+    for row, pred in zip(mc, got["preds"]):
+        lengths = [sum(1 for l in encode_qa(tok, row["question"], row["answer_text"].replace(row["choices"][row["answer"]], c))["labels"] if l != -100)
+                   for c in row["choices"]]
+        totals = [-_nll_one(model, tok, row["question"], row["answer_text"].replace(row["choices"][row["answer"]], c)) * n
+                  for c, n in zip(row["choices"], lengths)]
+        assert pred == max(range(4), key=totals.__getitem__)
+        want, _ = M.answer_logprob(model, tok, [row["question"]] * 4,
+                                   [row["answer_text"].replace(row["choices"][row["answer"]], c) for c in row["choices"]])
+        assert got["loglik"][mc.index(row)] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert got["acc"] == pytest.approx(sum(p == r["answer"] for p, r in zip(got["preds"], mc)) / len(mc))
+    # without answer_text the bare choices are scored
+    bare = M.cloze_accuracy(model, tok, [{k: v for k, v in r.items() if k != "answer_text"} for r in mc])
+    assert len(bare["preds"]) == len(mc)
+    with pytest.raises(ValueError, match="does not contain the right choice"):
+        M.cloze_accuracy(model, tok, [{**mc[0], "answer_text": "nothing here"}])
+    with pytest.raises(ValueError, match="not an index"):
+        M.cloze_accuracy(model, tok, [{**mc[0], "answer": 7}])
+
+
+def test_perplexity_is_exp_of_mean_token_nll(model, tok):
+    from nsru.data import encode_text
+
+    texts = ["Alpha beta gamma delta.", "A much longer sentence about the weather and rivers and trains."]
+    total, count = 0.0, 0
+    for t in texts:
+        enc = encode_text(tok, t)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    assert M.perplexity(model, tok, texts, batch_size=1) == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert M.perplexity(model, tok, texts, batch_size=2) == pytest.approx(math.exp(total / count), rel=1e-4)
