@@ -1,7 +1,12 @@
 """``UnlearnConfig``: every option of :func:`nsru.unlearn` in one typed dataclass.
 
 Fill it from keyword arguments, a dict, or a YAML file (the CLI does the latter); unknown keys are
-an error that suggests the closest field. Defaults come from ``benchmarks/sweep_defaults.py``.
+an error that suggests the closest field, and every value is checked for its type and range when the
+config is built, before any model is loaded. Defaults come from ``benchmarks/sweep_defaults.py``;
+:data:`HELP` says what each option does (``nsru unlearn --help`` prints it).
+
+The module imports neither torch nor the rest of the library at import time, so the CLI can show
+its help and reject a bad option in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -9,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsru.adapt import parse_layers
-from nsru.ops.subspace_update import DEFAULT_RULE, SubspaceRule
+# Equal to nsru.ops.DEFAULT_RULE (tests/test_cli.py checks it): spelled out so that this module
+# stays free of torch, which nsru.ops imports.
+DEFAULT_RULE = "energy=0.9"
 
 
 class ConfigError(ValueError):
@@ -96,9 +103,14 @@ class UnlearnConfig:
         self.validate()
 
     def validate(self) -> None:
+        from nsru.adapt import parse_layers
+        from nsru.ops.subspace_update import SubspaceRule
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
+
+        _check_types(self)
 
         need(self.suppress_loss in ("npo", "unlikelihood", "dpo"),
              f"suppress_loss must be npo, unlikelihood or dpo, got {self.suppress_loss!r}")
@@ -133,9 +145,25 @@ class UnlearnConfig:
             value = getattr(self, name)
             need(value is None or value >= 0, f"{name} must be >= 0, got {value!r}")
         need(self.beta > 0 and self.simnpo_beta > 0, "beta and simnpo_beta must be positive")
+        need(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")
+        need(self.max_length >= 1, f"max_length must be at least 1, got {self.max_length!r}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)!r}")
+        need(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps!r}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm must be positive or null (no clipping), got {self.max_grad_norm!r}")
+        need(self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0 (0: off)")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {self.keep_checkpoints!r}")
+        need(self.rmu_layer is None or self.rmu_layer >= 0, f"rmu_layer must be >= 0, got {self.rmu_layer!r}")
+        need(self.rmu_steering is None or self.rmu_steering > 0, f"rmu_steering must be positive, got {self.rmu_steering!r}")
+        need(self.rmu_steering_scale > 0, f"rmu_steering_scale must be positive, got {self.rmu_steering_scale!r}")
 
     @property
-    def subspace_rule(self) -> SubspaceRule:
+    def subspace_rule(self):
+        """:attr:`subspace` as a :class:`nsru.ops.SubspaceRule`."""
+        from nsru.ops.subspace_update import SubspaceRule
+
         return SubspaceRule.parse(self.subspace)
 
     @classmethod
@@ -181,17 +209,24 @@ class UnlearnConfig:
 
 
 def _coerce(cls, key: str, value):
-    """Light type coercion for YAML/CLI strings: ints, floats and bools where the field wants them."""
+    """Light type coercion for YAML/CLI strings: ints, floats and bools where the field wants them.
+    What cannot be converted is left as it is, for :func:`_check_types` to reject by name."""
     hints = typing.get_type_hints(cls)
     hint = hints.get(key)
     if value is None or hint is None:
         return value
     args = typing.get_args(hint) or (hint,)
     if key == "adam_betas":
-        return tuple(float(x) for x in value)
+        parts = value.split(",") if isinstance(value, str) else value
+        try:
+            return tuple(float(x) for x in parts)
+        except (TypeError, ValueError):
+            return value
     if isinstance(value, str):
         if bool in args and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
+        if value.lower() in ("null", "none", "~") and type(None) in args:
+            return None
         for t in (int, float):
             if t in args:
                 try:
@@ -203,3 +238,97 @@ def _coerce(cls, key: str, value):
         return float(value)
     return value
 
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _accepts(t, value) -> bool:
+    if t is typing.Any:
+        return True
+    if t is type(None):
+        return value is None
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(t)
+    if origin is tuple:
+        inner = typing.get_args(t)
+        return isinstance(value, (tuple, list)) and len(value) == len(inner) and all(
+            _accepts(i, v) for i, v in zip(inner, value))
+    return isinstance(value, origin or t)
+
+
+def _describe_type(t) -> str:
+    if typing.get_origin(t) is tuple:
+        return f"a list of {len(typing.get_args(t))} numbers"
+    return _TYPE_WORDS.get(t, getattr(t, "__name__", str(t)))
+
+
+def _check_types(config: UnlearnConfig) -> None:
+    """Every field holds a value of its annotated type (``Any`` fields are checked by ``validate``)."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if not any(_accepts(t, value) for t in args):
+            words = [_describe_type(t) for t in args]
+            wanted = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+            raise ConfigError(f"option {name!r} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+# What each option does, for ``nsru unlearn --help`` (tests/test_cli.py checks every field has one).
+HELP = {
+    "method": "unlearning method: nsru, ga, graddiff, npo, simnpo, idkdpo, rmu, or an ablation such as "
+              "nsru-no-project (plain LoRA with NSRU's losses)",
+    "safe": "safe-target term: learn a refusal for every forget question (ablation switch)",
+    "suppress": "suppression term: push the original forget answers down (ablation switch)",
+    "retain": "retention term on the retain data (ablation switch)",
+    "project": "confine the adapter to the null space of the retain statistics (null: the method decides)",
+    "suppress_loss": "suppression loss: npo, unlikelihood or dpo (chosen = safe target)",
+    "retain_loss": "retention loss: nll on the retain answers, or kl to the model before unlearning",
+    "safe_weight": "weight of the safe-target term (null: the method's default; NSRU 1.0)",
+    "suppress_weight": "weight of the forget-side term of every method (null: the method's default; NSRU 0.3)",
+    "retain_weight": "weight of the retention term (null: the method's default; NSRU 3.0)",
+    "beta": "inverse temperature of NPO, DPO and IdkDPO",
+    "simnpo_beta": "SimNPO's beta",
+    "simnpo_delta": "SimNPO's reward margin",
+    "simnpo_gamma": "SimNPO's weight of its retain term",
+    "rmu_layer": "RMU: the layer whose activations are steered (null: 7/32 of the depth)",
+    "rmu_steering": "RMU: steering norm (null: rmu_steering_scale x the mean hidden norm on forget data)",
+    "rmu_steering_scale": "RMU: steering norm as a multiple of the mean hidden norm",
+    "finetune": "what trains: adapter (the low-rank factors) or full (every parameter; baselines only)",
+    "target_modules": "modules that get adapters, as PEFT: all-linear, a list of names, or a regex on full names",
+    "r": "adapter rank",
+    "alpha": "adapter scale numerator: the update is (alpha / r) B A",
+    "init": "adapter A init: random (then projected) or forget (directions forget data uses, retain data not)",
+    "subspace": "retain-subspace rule: energy=0.9 (fraction of the trace), k=16, abs=X, tail=X, mean=X; "
+                "add ,min_null=N to keep N free directions per module",
+    "stats": "data of the retain statistics: retain, self (text the model writes), a JSON/JSONL corpus, "
+             "or a list of them",
+    "stats_tokens": "at most this many tokens of statistics data, shared equally between the sources (null: all)",
+    "self_samples": "texts the model writes for the 'self' statistics source",
+    "self_max_new_tokens": "length of each of those texts, in tokens",
+    "layers": "adapt only these transformer blocks: '10-19', '3,5,7' or a list (null: all)",
+    "templates": "safe-target templates: a list of strings with {subject}, or a file of them (null: built-in refusals)",
+    "name_subject": "whether safe targets name the question's subject",
+    "max_length": "longest tokenised example; longer ones are cut",
+    "batch_size": "global batch size (each of N processes takes batch_size / N)",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "learning rate of the adapter factors (or of every parameter with finetune=full)",
+    "weight_decay": "AdamW weight decay",
+    "adam_betas": "AdamW betas, e.g. [0.9, 0.999]",
+    "adam_eps": "AdamW epsilon",
+    "warmup_steps": "warm-up: steps, or a fraction of the steps when below 1",
+    "schedule": "learning-rate schedule after warm-up: linear, cosine or constant",
+    "steps": "optimizer steps",
+    "max_grad_norm": "gradient clipping norm (null: no clipping)",
+    "seed": "seed of the data order, the adapter init and the safe-target choice",
+    "bf16": "autocast to bfloat16 on CUDA (ignored on the CPU)",
+    "output_dir": "where checkpoints go (the CLI sets it to OUT/checkpoints)",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "how many of the newest checkpoints to keep",
+    "resume": "continue from the latest checkpoint in output_dir, or from a checkpoint path (the CLI: --resume)",
+    "eval_every": "call the evaluation callback every N steps (0: never)",
+    "progress": "show a progress bar",
+    "device": "move the model here before training (null: leave it where it is)",
+}
