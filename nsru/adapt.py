@@ -3,6 +3,12 @@
 ``target_modules`` follows PEFT: a list of names, each matching a module whose full name equals
 it or ends with ``"." + name``; a string, matched as a regular expression against the full name
 (``re.fullmatch``); or ``"all-linear"``, every linear module except the output head.
+
+Adapters are saved in NSRU's own format (``adapter.safetensors``: ``lora_A``, ``lora_B`` and the
+retain basis of every module, so training can continue) or in PEFT's LoRA format
+(``adapter_model.safetensors`` + ``adapter_config.json``), which ``peft.PeftModel.from_pretrained``
+and LoRA-serving engines load: after training the projected factor ``Ã = A − (A U) Uᵀ`` is an
+ordinary LoRA ``A``, so ``ΔW = (alpha / r) · B · Ã`` is exactly PEFT's update.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +32,9 @@ from nsru.layer import NSRULinear, is_linear, nsru_modules
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "nsru-adapter"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+SAVE_FORMATS = ("nsru", "peft")
 
 TargetModules = str | Sequence[str]
 
@@ -154,13 +165,36 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``adapter.safetensors`` (lora_A, lora_B, retain_basis per module) and ``adapter_config.json``."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nsru",
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's adapters to the folder ``path``.
+
+    ``format="nsru"`` (default): ``adapter.safetensors`` (lora_A, lora_B, retain_basis per module)
+    and ``adapter_config.json``; :func:`load_adapter` reads them back and training can continue.
+    ``format="peft"``: PEFT's LoRA files (``adapter_model.safetensors`` with ``lora_A = Ã`` and
+    ``lora_B = B``, and a ``LoraConfig``), for ``peft.PeftModel.from_pretrained(base, path)``.
+    ``base_model_name_or_path`` (default: the model config's ``_name_or_path``) is recorded in both.
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(SAVE_FORMATS)}, got {format!r}")
     layers = nsru_modules(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no NSRU adapters to save; call apply_nsru() first")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    if format == "peft":
+        from nsru.ops import null_space_factor
+
+        with torch.no_grad():
+            entries = {
+                name: _PeftEntry(null_space_factor(layer.lora_A.detach(), layer.retain_basis).cpu(),
+                                 layer.lora_B.detach().cpu(), layer.r, layer.alpha,
+                                 not isinstance(layer.base_layer, nn.Linear))
+                for name, layer in layers.items()
+            }
+        return _write_peft(out, entries, base_model_name_or_path)
     tensors, modules = {}, {}
     for name, layer in layers.items():
         tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
@@ -173,10 +207,88 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
             "out_features": layer.out_features,
             "k": layer.k,
         }
-    config = {"format": ADAPTER_FORMAT, "version": 1, "base_model_class": type(model).__name__, "modules": modules}
+        if not isinstance(layer.base_layer, nn.Linear):
+            modules[name]["conv1d"] = True  # transformers' Conv1D (weight stored as in × out): PEFT's fan_in_fan_out
+    config = {"format": ADAPTER_FORMAT, "version": 1, "base_model_class": type(model).__name__,
+              "base_model_name_or_path": base_model_name_or_path, "modules": modules}
     atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out
+
+
+class _PeftEntry(NamedTuple):
+    a_tilde: torch.Tensor  # (r, in): the projected A
+    b: torch.Tensor  # (out, r)
+    r: int
+    alpha: float
+    conv1d: bool
+
+
+def _write_peft(out: Path, entries: dict[str, _PeftEntry], base_model_name_or_path: str | None) -> Path:
+    """PEFT's LoRA files for ``entries``: the most common rank and alpha become ``r`` and
+    ``lora_alpha``, the others go to ``rank_pattern`` / ``alpha_pattern`` (keys: escaped full names,
+    which PEFT matches as regular expressions)."""
+    fan_in_fan_out = {e.conv1d for e in entries.values()}
+    if len(fan_in_fan_out) > 1:
+        raise ValueError("cannot write one PEFT config for a model whose adapted modules mix nn.Linear and Conv1D "
+                         "(PEFT's fan_in_fan_out is one setting per adapter)")
+    r = Counter(e.r for e in entries.values()).most_common(1)[0][0]
+    alpha = Counter(e.alpha for e in entries.values()).most_common(1)[0][0]
+    tensors = {}
+    for name, e in entries.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = e.a_tilde.to(torch.float32).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = e.b.to(torch.float32).contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": _plain_number(alpha),
+        "target_modules": sorted(entries),
+        "rank_pattern": {re.escape(n): e.r for n, e in sorted(entries.items()) if e.r != r},
+        "alpha_pattern": {re.escape(n): _plain_number(e.alpha) for n, e in sorted(entries.items()) if e.alpha != alpha},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out.pop(),
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    atomic_write(out / PEFT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / PEFT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def _plain_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Convert an adapter folder written by :func:`save_adapter` (NSRU format) into PEFT's LoRA
+    format in ``out``, from the files alone (no model needed): ``lora_A = A − (A U) Uᵀ``."""
+    from nsru.ops import null_space_factor
+
+    folder = Path(adapter)
+    config = _read_config(folder)
+    tensors = _read_weights(folder)
+    entries = {}
+    for name, meta in config["modules"].items():
+        missing = [k for k in ("lora_A", "lora_B", "retain_basis") if f"{name}.{k}" not in tensors]
+        if missing:
+            raise ValueError(f"{folder / ADAPTER_WEIGHTS}: missing tensor {name}.{missing[0]!r}")
+        a, b, u = (tensors[f"{name}.{k}"].to(torch.float32) for k in ("lora_A", "lora_B", "retain_basis"))
+        if a.shape[1] != u.shape[0] or b.shape[1] != a.shape[0]:
+            raise ValueError(f"{folder / ADAPTER_WEIGHTS}: shapes of module {name!r} do not fit together: "
+                             f"lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, retain_basis {tuple(u.shape)}")
+        entries[name] = _PeftEntry(null_space_factor(a, u), b, int(meta["r"]), float(meta["alpha"]),
+                                   bool(meta.get("conv1d", False)))
+    if not entries:
+        raise ValueError(f"{folder / ADAPTER_CONFIG}: the adapter has no modules")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_peft(out, entries, base_model_name_or_path or config.get("base_model_name_or_path"))
 
 
 def _read_config(path: Path) -> dict:
@@ -187,9 +299,20 @@ def _read_config(path: Path) -> dict:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    if config.get("peft_type") is not None:
+        raise ValueError(f"{file}: a PEFT adapter (peft_type {config['peft_type']!r}), not an NSRU one; load it with "
+                         "peft.PeftModel.from_pretrained(model, folder)")
     if config.get("format") != ADAPTER_FORMAT or not isinstance(config.get("modules"), dict):
         raise ValueError(f"{file}: not an NSRU adapter config (expected format {ADAPTER_FORMAT!r} and a 'modules' map)")
     return config
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights_file = folder / ADAPTER_WEIGHTS
+    try:
+        return load_file(str(weights_file))
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_file}: cannot read adapter weights ({err})") from None
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULinear]:
@@ -201,11 +324,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULin
     """
     folder = Path(path)
     config = _read_config(folder)
-    weights_file = folder / ADAPTER_WEIGHTS
-    try:
-        tensors = load_file(str(weights_file))
-    except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise ValueError(f"{weights_file}: cannot read adapter weights ({err})") from None
+    tensors = _read_weights(folder)
     entries = config["modules"]
     layers = nsru_modules(model)
     if not layers:
