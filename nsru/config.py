@@ -96,6 +96,7 @@ class UnlearnConfig:
     eval_every: int = 0
     progress: bool = True
     device: str | None = None  # None: where the model is
+    fsdp: bool = False  # shard the frozen base weights across the processes (FSDP2); adapters stay whole
 
     # ------------------------------------------------------------------------------------------
 
@@ -116,6 +117,9 @@ class UnlearnConfig:
              f"suppress_loss must be npo, unlikelihood or dpo, got {self.suppress_loss!r}")
         need(self.retain_loss in ("nll", "kl"), f"retain_loss must be nll or kl, got {self.retain_loss!r}")
         need(self.finetune in ("adapter", "full"), f"finetune must be 'adapter' or 'full', got {self.finetune!r}")
+        need(not (self.fsdp and self.finetune == "full"),
+             "fsdp shards the frozen base weights around the adapters; finetune='full' trains every weight, "
+             "which this trainer does not shard (use finetune='adapter', or fsdp=False)")
         need(self.init in ("random", "forget"), f"init must be 'random' or 'forget', got {self.init!r}")
         need(self.schedule in ("linear", "cosine", "constant"),
              f"schedule must be linear, cosine or constant, got {self.schedule!r}")
@@ -331,4 +335,5 @@ HELP = {
     "eval_every": "call the evaluation callback every N steps (0: never)",
     "progress": "show a progress bar",
     "device": "move the model here before training (null: leave it where it is)",
+    "fsdp": "under torchrun, shard the frozen base weights across the processes (FSDP2); adapters stay whole",
 }
