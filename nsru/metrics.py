@@ -171,7 +171,7 @@ def _continuation_logprobs(model, pad: int, prompts: list[list[int]], candidates
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = first.past_key_values
+        cache = first.cache
         cache.batch_repeat_interleave(k)
         cont = pad_encodings([{"input_ids": c} for i in idx for c in candidates[i]], pad)
         cids, cmask = cont["input_ids"].to(device), cont["attention_mask"].to(device)

@@ -1,0 +1,285 @@
+"""``nsru demo --scenario real``: unlearning real knowledge from a real pretrained model.
+
+The RWKU setting on SmolLM2-135M-Instruct (:mod:`nsru.bench.pretrained`): the model forgets what
+it knows about two famous people and keeps the rest. The facts (``data/real_facts.json``) are
+questions with a one-sentence answer, a paraphrase and four choices:
+
+* **forget**: facts about the ``forget`` group; their question-answer rows are the forget data;
+* **retain**: facts about five other people, the retention loss's data;
+* **neighbour**: the same kinds of facts about eight other people, and **general** facts: in no
+  loss and no statistic; scored only;
+* **text**: general paragraphs for perplexity (scored only), and other paragraphs that a
+  statistics source may use (``stats_text``).
+
+Every item is scored as 4-way multiple choice by answer likelihood
+(:func:`nsru.metrics.cloze_accuracy`), and only items the model gets right before unlearning are
+kept, so every accuracy starts at 1 and chance is 0.25. Reported per run: ``forget_acc`` (question
+and paraphrase probes), ``safe_rate`` (greedy answers to the forget questions that are refusals),
+``neighbour_acc``, ``general_acc``, ``ppl_ratio`` (perplexity over the model's before) and leakage
+of the retain subspace on the held-out sets.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from nsru import metrics as M
+from nsru.bench.pretrained import load_smollm2
+from nsru.layer import nsru_modules
+from nsru.stats_sources import encode_rows
+from nsru.subspace import leakage
+
+GROUPS = ("forget", "retain", "neighbour")
+KEYS = ("forget_acc", "safe_rate", "neighbour_acc", "general_acc", "ppl_ratio", "leakage_neighbour",
+        "leakage_general", "seconds")
+
+# Budget every method gets (measured on 2 CPU cores: see README "Real model").
+STEPS = 30
+BATCH_SIZE = 4
+LR = 3e-3
+LAYERS = None  # all layers
+
+
+def load_facts(path: str | Path | None = None) -> dict:
+    """The shipped fact set (or one of the same schema at ``path``)."""
+    source = Path(path) if path is not None else resources.files("nsru.bench") / "data" / "real_facts.json"
+    return json.loads(source.read_text(encoding="utf-8"))
+
+
+def _qa(entity: str, fact: dict) -> dict:
+    return {"question": fact["question"], "answer": fact["answer"], "subject": entity}
+
+
+def _probes(fact: dict, paraphrase: bool) -> list[dict]:
+    row = {"choices": fact["choices"], "answer": fact["correct"], "answer_text": fact["answer"]}
+    out = [{"question": fact["question"], **row}]
+    if paraphrase:
+        out.append({"question": fact["paraphrase"], **row})
+    return out
+
+
+@dataclass
+class Scenario:
+    """The data of one run of the real-knowledge scenario (multiple-choice sets: known items only)."""
+
+    forget: list[dict]
+    retain: list[dict]
+    forget_mc: list[dict]
+    neighbour_mc: list[dict]
+    general_mc: list[dict]
+    ppl_text: list[str]
+    stats_text: list[dict]
+    counts: dict = field(default_factory=dict)
+
+
+def build_scenario(model, tokenizer, facts: dict, progress: bool = False) -> Scenario:
+    """Split the facts and keep the multiple-choice items the model answers right before unlearning.
+
+    A forget fact is kept when the model knows it under its question or its paraphrase (the forget
+    data are the kept facts' question-answer rows)."""
+    by_group = {g: [(e["name"], f) for e in facts["entities"] if e["group"] == g for f in e["facts"]] for g in GROUPS}
+    candidates = {
+        "forget": [p for _, f in by_group["forget"] for p in _probes(f, True)],
+        "neighbour": [p for _, f in by_group["neighbour"] for p in _probes(f, False)],
+        "general": [p for f in facts["general"] for p in _probes(f, False)],
+    }
+    known = {name: [p for p, ok in zip(rows, M.cloze_accuracy(model, tokenizer, rows, progress=progress)["values"]) if ok]
+             for name, rows in candidates.items()}
+    known_questions = {p["question"] for p in known["forget"]}
+    forget = [_qa(n, f) for n, f in by_group["forget"] if {f["question"], f["paraphrase"]} & known_questions]
+    if not forget or not known["neighbour"] or not known["general"]:
+        raise RuntimeError(f"the model knows too few facts for the scenario: "
+                           f"{ {k: len(v) for k, v in known.items()} } known items")
+    return Scenario(
+        forget=forget,
+        retain=[_qa(n, f) for n, f in by_group["retain"]],
+        forget_mc=known["forget"],
+        neighbour_mc=known["neighbour"],
+        general_mc=known["general"],
+        ppl_text=list(facts["ppl_text"]),
+        stats_text=[{"text": t} for t in facts["stats_text"]],
+        counts={**{f"{k}_candidates": len(v) for k, v in candidates.items()},
+                **{f"{k}_known": len(v) for k, v in known.items()}, "forget_rows": len(forget)},
+    )
+
+
+def _leakage_on(model, tokenizer, rows: list[dict]) -> float:
+    """Mean over modules of the retain subspace's leakage on ``rows`` (1 without a basis)."""
+    layers = nsru_modules(model)
+    if not layers or not any(layer.k for layer in layers.values()):
+        return 1.0
+    from nsru.data import pad_encodings, pad_token_id
+
+    encodings = encode_rows(rows, tokenizer, None)
+    pad = pad_token_id(tokenizer)
+    batches = [{k: v for k, v in pad_encodings(encodings[i:i + 16], pad).items() if k != "labels"}
+               for i in range(0, len(encodings), 16)]
+    values = leakage(model, batches, progress=False)
+    return statistics.fmean(values.values())
+
+
+def evaluate(model, tokenizer, sc: Scenario, before_ppl: float | None = None) -> dict:
+    """The scenario's metrics for one model (see the module docstring)."""
+    ppl = M.perplexity(model, tokenizer, sc.ppl_text)
+    questions = [r["question"] for r in sc.forget]
+    report = {
+        "forget_acc": M.cloze_accuracy(model, tokenizer, sc.forget_mc)["acc"],
+        "safe_rate": M.safe_rate(model, tokenizer, sc.forget,
+                                 generations=M.generate(model, tokenizer, questions, max_new_tokens=24))["rate"],
+        "neighbour_acc": M.cloze_accuracy(model, tokenizer, sc.neighbour_mc)["acc"],
+        "general_acc": M.cloze_accuracy(model, tokenizer, sc.general_mc)["acc"],
+        "ppl": ppl,
+        "ppl_ratio": ppl / before_ppl if before_ppl else 1.0,
+    }
+    report["leakage_neighbour"] = _leakage_on(model, tokenizer, [
+        {"question": r["question"], "answer": r["answer_text"]} for r in sc.neighbour_mc])
+    report["leakage_general"] = _leakage_on(model, tokenizer, [
+        {"question": r["question"], "answer": r["answer_text"]} for r in sc.general_mc])
+    return report
+
+
+def variants(stats_corpus: Path) -> dict[str, dict]:
+    """Every method of the comparison as ``nsru.unlearn`` options: NSRU with each statistics source,
+    plain LoRA with NSRU's losses, and the baselines."""
+    return {
+        "nsru[retain]": {"method": "nsru", "stats": "retain"},
+        "nsru[retain+self]": {"method": "nsru", "stats": ["retain", "self"]},
+        "nsru[retain+corpus]": {"method": "nsru", "stats": ["retain", str(stats_corpus)]},
+        "lora (nsru-no-project)": {"method": "nsru-no-project"},
+        "graddiff": {"method": "graddiff"},
+        "npo": {"method": "npo"},
+        "simnpo": {"method": "simnpo"},
+        "idkdpo": {"method": "idkdpo"},
+        "rmu": {"method": "rmu"},
+    }
+
+
+def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None = None, lr: float | None = None,
+             batch_size: int | None = None, options: dict | None = None, cache=None, facts: dict | None = None,
+             load=None, log=print) -> dict:
+    """Run the comparison; write ``results.json``, ``table.md`` and ``real_knowledge.png`` under ``out``.
+
+    ``names``: a subset of :func:`variants` (all by default); ``options``: further ``nsru.unlearn``
+    options for every run (e.g. ``{"subspace": "tail=1e-3"}``); ``facts`` and ``load`` (a callable
+    returning a fresh ``(model, tokenizer)``) replace the shipped fact set and SmolLM2 (tests)."""
+    from nsru.unlearn import unlearn
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "stats_text.jsonl"
+    facts = facts or load_facts()
+    load = load or (lambda: load_smollm2(cache=cache, log=log))
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in facts["stats_text"]), encoding="utf-8")
+    table_of = variants(corpus)
+    names = list(names or table_of)
+    unknown = [n for n in names if n not in table_of]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(table_of)}")
+
+    model, tok = load()
+    sc = build_scenario(model, tok, facts)
+    log(f"scenario: {sc.counts}")
+    before = evaluate(model, tok, sc)
+    before["seconds"] = 0.0
+    log(f"before: {_line(before)}")
+    budget = {"steps": steps or STEPS, "lr": lr or LR, "batch_size": batch_size or BATCH_SIZE, "layers": LAYERS,
+              "max_length": 128, "progress": False, **(options or {})}
+    per_seed: dict[str, list[dict]] = {"before": [before]}
+    for seed in range(seeds):
+        for name in names:
+            model, tok = load()
+            t = time.perf_counter()
+            result = unlearn(model, tok, sc.forget, sc.retain, seed=seed, **table_of[name], **budget)
+            seconds = time.perf_counter() - t
+            rep = evaluate(model, tok, sc, before_ppl=before["ppl"])
+            rep["seconds"] = seconds
+            rep["mean_k"] = result.summary()["mean_k"]
+            per_seed.setdefault(name, []).append(rep)
+            log(f"seed {seed} {name:24s} {_line(rep)}")
+    models = {name: _aggregate(reps) for name, reps in per_seed.items()}
+    results = {
+        "models": models,
+        "per_seed": per_seed,
+        "scenario": sc.counts,
+        "config": {"seeds": seeds, **{k: v for k, v in budget.items() if k != "progress"}},
+        "seconds": time.perf_counter() - started,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "table.md").write_text(table(models) + "\n")
+    plot(models, out / "real_knowledge.png")
+    log("\n" + table(models))
+    log(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {out / 'real_knowledge.png'} "
+        f"({results['seconds']:.0f}s)")
+    return results
+
+
+def _line(rep: dict) -> str:
+    return (f"forget {rep['forget_acc']:.2f}  safe {rep['safe_rate']:.2f}  neighbour {rep['neighbour_acc']:.2f}  "
+            f"general {rep['general_acc']:.2f}  ppl x{rep['ppl_ratio']:.3f}  ({rep['seconds']:.0f}s)")
+
+
+def _aggregate(reps: list[dict]) -> dict:
+    row = {}
+    for key in KEYS + ("mean_k",):
+        vals = [r[key] for r in reps if r.get(key) is not None]
+        if vals:
+            row[key] = statistics.fmean(vals)
+            if len(vals) > 1:
+                row[f"{key}_std"] = statistics.stdev(vals)
+    return row
+
+
+def table(models: dict) -> str:
+    """A Markdown table, mean ± standard deviation over seeds."""
+    cols = KEYS
+    lines = ["| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, row in models.items():
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            text = "–" if v is None else f"{v:.1f}" if c == "seconds" else f"{v:.3f}"
+            if row.get(f"{c}_std") is not None:
+                text += f" ± {row[f'{c}_std']:.2g}"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(models: dict, path) -> Path:
+    """Forgetting against keeping: forget accuracy (lower is better) vs neighbour and general accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    cmap = plt.get_cmap("tab10")
+    for ax, key, label in ((axes[0], "neighbour_acc", "neighbour facts kept"),
+                           (axes[1], "general_acc", "general facts kept")):
+        for i, (name, row) in enumerate(models.items()):
+            if row.get(key) is None:
+                continue
+            marker = "*" if name.startswith("nsru") else "s" if name == "before" else "o"
+            ax.errorbar(row[key], row["forget_acc"], xerr=row.get(f"{key}_std"), yerr=row.get("forget_acc_std"),
+                        fmt=marker, color=cmap(i % 10), markersize=11 if marker == "*" else 7, label=name, capsize=2)
+        ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(f"{label} (accuracy; 1 before)")
+        ax.set_xlim(-0.02, 1.05)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("forget accuracy (chance 0.25, 1 before)")
+    axes[0].set_ylim(-0.02, 1.05)
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle("Real knowledge on SmolLM2-135M-Instruct: forget two people, keep the rest")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,75 @@
+"""The real-knowledge scenario's plumbing (nsru.bench.real) on the tiny world model: filtering to
+known facts, the metrics, the comparison's files. The SmolLM2 run itself is measured, not tested
+(README "Real model")."""
+
+import json
+
+import pytest
+
+from nsru.bench import real
+from tinylm import CITIES, JOBS, one_thread, tiny_world, trained_world_model
+
+FORGET = ("Anna Novak", "Clara Berg")
+NEIGHBOURS = ("Boris Silva", "David Berg", "David Novak", "Clara Silva")
+
+
+def _facts() -> dict:
+    """The tiny world in the shipped fact set's schema: where each person lives, as 4-way items."""
+    forget, retain = tiny_world()
+    entities = {}
+    for row in forget + retain:
+        if not row["question"].startswith("Where"):
+            continue
+        city = row["answer"].split(" lives in ")[1].rstrip(" .")
+        others = [c for c in CITIES if c != city][:3]
+        k = len(entities) % 4
+        group = "forget" if row["subject"] in FORGET else "neighbour" if row["subject"] in NEIGHBOURS else "retain"
+        entities[row["subject"]] = {"name": row["subject"], "group": group, "facts": [{
+            "question": row["question"], "paraphrase": row["question"], "answer": row["answer"],
+            "choices": others[:k] + [city] + others[k:], "correct": k}]}
+    jobs = [r for r in retain if r["question"].startswith("What") and r["subject"] in NEIGHBOURS]
+    general = []
+    for i, row in enumerate(jobs):
+        job = row["answer"].split(" is a ")[1].rstrip(" .")
+        others = [j for j in JOBS if j != job][:3]
+        general.append({"question": row["question"], "paraphrase": row["question"], "answer": row["answer"],
+                        "choices": others[:i % 4] + [job] + others[i % 4:], "correct": i % 4})
+    texts = [r["answer"] for r in retain]
+    return {"entities": list(entities.values()), "general": general, "ppl_text": texts[:4], "stats_text": texts[4:]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def test_scenario_keeps_what_the_model_knows_and_scores_it_consistently():
+    model, tok, *_ = trained_world_model()
+    facts = _facts()
+    sc = real.build_scenario(model, tok, facts)
+    assert sc.counts["forget_candidates"] == 4 and sc.counts["neighbour_candidates"] == 4
+    assert {r["subject"] for r in sc.forget} <= set(FORGET)
+    assert all(r["answer"].startswith(r["subject"]) for r in sc.forget + sc.retain)
+    assert {r["subject"] for r in sc.retain}.isdisjoint(FORGET + NEIGHBOURS)
+    report = real.evaluate(model, tok, sc)
+    # the same model scores every kept item right again (filter and evaluation agree)
+    assert report["forget_acc"] == report["neighbour_acc"] == report["general_acc"] == 1.0
+    assert report["ppl_ratio"] == 1.0 and report["leakage_neighbour"] == 1.0  # no retain basis yet
+
+
+def test_comparison_writes_results_table_and_plot(tmp_path):
+    facts = _facts()
+    res = real.run_real(tmp_path, seeds=1, names=["nsru[retain]", "lora (nsru-no-project)"], steps=20, lr=1e-2,
+                        batch_size=4, facts=facts, load=lambda: trained_world_model()[:2], log=lambda *a: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["models"]) == {"before", "nsru[retain]", "lora (nsru-no-project)"}
+    nsru_row = saved["models"]["nsru[retain]"]
+    assert nsru_row["forget_acc"] < saved["models"]["before"]["forget_acc"]
+    assert 0 < nsru_row["leakage_neighbour"] < 1 and nsru_row["mean_k"] > 0
+    assert saved["models"]["lora (nsru-no-project)"]["mean_k"] == 0
+    assert "| nsru[retain] |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "real_knowledge.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["scenario"] == saved["scenario"]
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        real.run_real(tmp_path, names=["nope"], facts=facts, load=lambda: trained_world_model()[:2])
