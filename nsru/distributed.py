@@ -1,13 +1,20 @@
 """``torch.distributed`` helpers: who this process is, starting the process group under
-``torchrun``, averaging tensors across processes, and a barrier. Every helper is a no-op (or
-answers for one process) when no process group is active, so callers need no branches."""
+``torchrun``, summing or averaging tensors across processes, a barrier, and FSDP sharding of the
+frozen base weights. Every helper is a no-op (or answers for one process) when no process group
+is active, so callers need no branches."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from torch import nn
+
+# Tensors up to this many elements are concatenated into one all_reduce (one message instead of
+# hundreds for the adapter gradients); larger ones (second moments: in² floats per module) are
+# reduced in place, so the reduction never holds a second copy of them.
+_COALESCE_NUMEL = 1 << 24
 
 
 def dist_info() -> tuple[int, int]:
@@ -33,23 +40,117 @@ def init_distributed_from_env() -> bool:
     return True
 
 
-def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
-    """Replace each tensor by its mean over the processes, in place, with one ``all_reduce`` of
-    their concatenation (same dtype and device for all)."""
-    rank, world = dist_info()
+def all_reduce_sum_(tensors: Sequence[torch.Tensor], group=None) -> None:
+    """Replace each tensor by its sum over the processes, in place. Small tensors of one dtype and
+    device go in one ``all_reduce`` of their concatenation; large ones are reduced where they are."""
+    if dist_info()[1] == 1 or not tensors:
+        return
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel() > _COALESCE_NUMEL and t.is_contiguous():
+            torch.distributed.all_reduce(t, group=group)
+        else:
+            buckets.setdefault((t.dtype, t.device), []).append(t)
+    for bucket in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        torch.distributed.all_reduce(flat, group=group)
+        offset = 0
+        for t in bucket:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor], group=None) -> None:
+    """Replace each tensor by its mean over the processes, in place (see :func:`all_reduce_sum_`)."""
+    world = dist_info()[1]
     if world == 1 or not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
+    all_reduce_sum_(tensors, group=group)
     for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
+        t.div_(world)
 
 
 def barrier() -> None:
     """Wait for every process (no-op for one)."""
     if dist_info()[1] > 1:
         torch.distributed.barrier()
+
+
+def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` is true on any process (every process gets the same answer)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    all_reduce_sum_([t])
+    return bool(t.item() > 0)
+
+
+def run_on_rank0(fn: Callable[[], object], error_type: type[Exception] = RuntimeError) -> None:
+    """Call ``fn()`` on rank 0 only (a check that touches the file system). When it raises
+    ``error_type``, every process raises it with the same message, so none is left waiting in a
+    collective the others never reach."""
+    rank, world = dist_info()
+    message = None
+    if rank == 0:
+        try:
+            fn()
+        except error_type as err:
+            if world == 1:
+                raise
+            message = str(err)
+    if world > 1:
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise error_type(box[0])
+
+
+def gather_strings(text: str) -> list[str]:
+    """``text`` of every process, by rank (``[text]`` for one process)."""
+    if dist_info()[1] == 1:
+        return [text]
+    out: list = [None] * dist_info()[1]
+    torch.distributed.all_gather_object(out, text)
+    return [str(t) for t in out]
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP: shard the frozen base weights, keep the adapters whole
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer (the longest ``nn.ModuleList``): FSDP's units."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return list(max(lists, key=len)) if lists else []
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, keep_whole: Iterable[nn.Parameter] = ()) -> nn.Module:
+    """Shard ``model``'s parameters across the processes with FSDP2 (``fully_shard``), one unit per
+    transformer block plus the root, except ``keep_whole`` (the adapter factors), which stay plain
+    tensors on every process.
+
+    Each process then holds 1/world of the base weights at rest; a block's weights are gathered for
+    its forward and again for its backward and freed after. The adapters are a few MB, so keeping
+    them whole costs little and leaves everything that touches them unchanged: their gradients are
+    all-reduced by the trainer, ``lora_A`` is projected in place, and adapter files are written
+    from them as they are. Returns ``model`` (sharded in place); a no-op for one process or a
+    model that is already sharded.
+    """
+    rank, world = dist_info()
+    if world == 1 or is_sharded(model):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world,))
+    ignored = set(keep_whole)
+    for block in blocks_of(model):
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    return model

@@ -32,6 +32,12 @@ class LossContext:
     ``reference`` gives the reference policy π_ref: the same model with its adapters disabled,
     or, for full fine-tuning, a frozen copy made by the caller. ``state`` holds per-run values a
     method computes once (e.g. RMU's control vector).
+
+    ``counts``: set by the trainer for each step, ``{part: {"tokens"|"sequences"|"positions": n}}``
+    over the whole global batch (all micro-batches of all processes). A loss divides its sum by
+    ``denom(part, kind)`` so that its terms add up across micro-batches and processes to the loss
+    of the global batch in one process. Outside the trainer ``denom`` is ``None`` and the losses
+    average over the batch they are given.
     """
 
     def __init__(self, model: nn.Module, config, ref_model: nn.Module | None = None) -> None:
@@ -40,6 +46,15 @@ class LossContext:
         self.ref_model = ref_model
         self.weights = get_method(config.method).weights(config)
         self.state: dict = {}
+        self.counts: dict[str, dict[str, float]] | None = None
+        self.counts_used = False  # whether a loss asked for denom() since the trainer last reset it
+
+    def denom(self, part: str, kind: str = "tokens") -> float | None:
+        """The global count of ``kind`` in ``part`` of this step's batch (``None`` outside the trainer)."""
+        if self.counts is None:
+            return None
+        self.counts_used = True
+        return self.counts[part][kind]
 
     def forward(self, batch: Mapping[str, torch.Tensor], **kwargs):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
@@ -135,10 +150,10 @@ def _retain_term(ctx: LossContext, batch: dict):
         return None
     out = ctx.forward(batch["retain"])
     if cfg.retain_loss == "nll":
-        return obj.nll_loss(out.logits, batch["retain"]["labels"])
+        return obj.nll_loss(out.logits, batch["retain"]["labels"], ctx.denom("retain"))
     if cfg.retain_loss == "kl":
         ref = ctx.ref_forward(batch["retain"])
-        return obj.kl_loss(out.logits, ref.logits, batch["retain"]["labels"])
+        return obj.kl_loss(out.logits, ref.logits, batch["retain"]["labels"], ctx.denom("retain"))
     raise ValueError(f"retain_loss must be 'nll' or 'kl', got {cfg.retain_loss!r}")
 
 
@@ -160,15 +175,16 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
     terms = {}
     if cfg.safe and "safe" in batch:
         out = ctx.forward(batch["safe"])
-        terms["safe"] = obj.nll_loss(out.logits, batch["safe"]["labels"])
+        terms["safe"] = obj.nll_loss(out.logits, batch["safe"]["labels"], ctx.denom("safe"))
     if cfg.suppress:
         forget = batch["forget"]
         if cfg.suppress_loss == "npo":
             logp, _ = _seq_logp(ctx.forward(forget), forget)
             ref_logp, _ = _seq_logp(ctx.ref_forward(forget), forget)
-            terms["forget"] = obj.npo_loss(logp, ref_logp, cfg.beta)
+            terms["forget"] = obj.npo_loss(logp, ref_logp, cfg.beta, denom=ctx.denom("forget", "sequences"))
         elif cfg.suppress_loss == "unlikelihood":
-            terms["forget"] = obj.unlikelihood_loss(ctx.forward(forget).logits, forget["labels"])
+            terms["forget"] = obj.unlikelihood_loss(ctx.forward(forget).logits, forget["labels"],
+                                                    denom=ctx.denom("forget"))
         elif cfg.suppress_loss == "dpo":
             if "safe" not in batch:
                 raise ValueError("suppress_loss='dpo' needs question-answer forget data (chosen = safe target)")
@@ -177,7 +193,7 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
             r, _ = _seq_logp(ctx.forward(rejected), rejected)
             c_ref, _ = _seq_logp(ctx.ref_forward(chosen), chosen)
             r_ref, _ = _seq_logp(ctx.ref_forward(rejected), rejected)
-            terms["forget"] = obj.dpo_loss(c, r, c_ref, r_ref, cfg.beta)
+            terms["forget"] = obj.dpo_loss(c, r, c_ref, r_ref, cfg.beta, denom=ctx.denom("forget", "sequences"))
         else:
             raise ValueError(f"suppress_loss must be 'npo', 'unlikelihood' or 'dpo', got {cfg.suppress_loss!r}")
     ret = _retain_term(ctx, batch)
@@ -205,14 +221,15 @@ def _with_retain(ctx, batch, forget_term, forget_weight=None) -> dict:
 @register_method("ga", needs_retain=False, description="gradient ascent on the forget answers")
 def ga_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
-    term = obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"])
+    term = obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"], ctx.denom("forget"))
     return _weighted({"forget": term}, {"forget": ctx.weights["suppress_weight"]})
 
 
 @register_method("graddiff", description="gradient ascent on forget + NLL on retain")
 def graddiff_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
-    return _with_retain(ctx, batch, obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"]))
+    return _with_retain(ctx, batch, obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"],
+                                                             ctx.denom("forget")))
 
 
 @register_method("npo", needs_reference=True, description="NPO (β = 0.1) on forget + NLL on retain")
@@ -220,7 +237,7 @@ def npo_method_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
     logp, _ = _seq_logp(ctx.forward(forget), forget)
     ref_logp, _ = _seq_logp(ctx.ref_forward(forget), forget)
-    return _with_retain(ctx, batch, obj.npo_loss(logp, ref_logp, ctx.config.beta))
+    return _with_retain(ctx, batch, obj.npo_loss(logp, ref_logp, ctx.config.beta, ctx.denom("forget", "sequences")))
 
 
 @register_method("simnpo", description="SimNPO (β 4.5, δ 0, γ 0.125) on forget + NLL on retain")
@@ -228,7 +245,7 @@ def simnpo_method_loss(ctx: LossContext, batch: dict) -> dict:
     cfg = ctx.config
     forget = batch["forget"]
     logp, n = _seq_logp(ctx.forward(forget), forget)
-    term = obj.simnpo_loss(logp, n, cfg.simnpo_beta, cfg.simnpo_delta)
+    term = obj.simnpo_loss(logp, n, cfg.simnpo_beta, cfg.simnpo_delta, ctx.denom("forget", "sequences"))
     return _with_retain(ctx, batch, term, forget_weight=cfg.simnpo_gamma * ctx.weights["suppress_weight"])
 
 
@@ -242,7 +259,7 @@ def idkdpo_loss(ctx: LossContext, batch: dict) -> dict:
     r, _ = _seq_logp(ctx.forward(rejected), rejected)
     c_ref, _ = _seq_logp(ctx.ref_forward(chosen), chosen)
     r_ref, _ = _seq_logp(ctx.ref_forward(rejected), rejected)
-    return _with_retain(ctx, batch, obj.dpo_loss(c, r, c_ref, r_ref, ctx.config.beta))
+    return _with_retain(ctx, batch, obj.dpo_loss(c, r, c_ref, r_ref, ctx.config.beta, ctx.denom("forget", "sequences")))
 
 
 # RMU (Li et al., 2024, "The WMDP Benchmark"): push the hidden state at one layer on forget tokens
@@ -308,11 +325,12 @@ def rmu_loss(ctx: LossContext, batch: dict) -> dict:
     control = ctx.state["rmu_control"]
     forget = batch["forget"]
     h = _hidden(ctx.forward(forget, output_hidden_states=True), layer)
-    terms = {"forget": obj.rmu_forget_loss(h, control.to(h.device), forget["attention_mask"])}
+    terms = {"forget": obj.rmu_forget_loss(h, control.to(h.device), forget["attention_mask"],
+                                           ctx.denom("forget", "positions"))}
     if cfg.retain and "retain" in batch:
         retain = batch["retain"]
         h_r = _hidden(ctx.forward(retain, output_hidden_states=True), layer)
         h_ref = _hidden(ctx.ref_forward(retain, output_hidden_states=True), layer)
-        terms["retain"] = obj.rmu_retain_loss(h_r, h_ref, retain["attention_mask"])
+        terms["retain"] = obj.rmu_retain_loss(h_r, h_ref, retain["attention_mask"], ctx.denom("retain", "positions"))
     return _weighted(terms, {"forget": ctx.weights["suppress_weight"], "retain": ctx.weights["retain_weight"]})
 

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsru import ops
+from nsru.distributed import all_reduce_sum_
 from nsru.layer import NSRULinear, adapter_disabled, model_device, nsru_modules
 
 _FLUSH_BYTES = 256 * 2**20
@@ -50,11 +51,9 @@ class SecondMoments:
         return list(self.groups)
 
     def all_reduce(self, group=None) -> SecondMoments:
-        """Sum the statistics over the processes of ``torch.distributed`` (no-op when not initialised)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for key in self.sums:
-                torch.distributed.all_reduce(self.sums[key], group=group)
-                torch.distributed.all_reduce(self.tokens[key], group=group)
+        """Sum the statistics over the processes of ``torch.distributed`` (no-op when not initialised),
+        so that every process computes the same bases from the statistics of all the data."""
+        all_reduce_sum_([*self.sums.values(), *self.tokens.values()], group=group)
         return self
 
     def add_(self, other: SecondMoments) -> SecondMoments:

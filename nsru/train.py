@@ -1,13 +1,23 @@
 """The plain-PyTorch trainer: AdamW, warm-up and schedule, gradient accumulation, clipping, bf16
 autocast on CUDA, checkpoints with exact resume, a NaN/Inf guard, and data parallelism under
-``torchrun``.
+``torchrun`` (optionally with the frozen base weights sharded by FSDP).
 
-Data parallelism: each process computes its share of the global batch and the gradients of the
-trainable parameters are averaged with one ``all_reduce`` before the optimizer step. (A step runs
-several forwards of the same model — policy, reference with adapters disabled, retain — which
-DDP's per-forward hooks do not support without extra flags; an explicit all-reduce of the few
-adapter gradients gives the same update.) ``batch_size`` is the global batch, so a run gives the
-same result on any number of processes up to floating-point reduction order.
+Data parallelism: each process computes its share of the global batch. Every loss divides its sum
+over tokens (or sequences) by the count of the *whole global batch* — all micro-batches on all
+processes, found with one all-reduce of the counts before the step (``LossContext.denom``) — so
+the per-micro-batch, per-process losses add up to the one-process loss of the global batch, and
+the gradients of the trainable parameters are *summed* with one ``all_reduce`` before the
+optimizer step. N processes, or k micro-batches, therefore give the adapter of one process on one
+batch up to floating-point reduction order. (A step runs several forwards of the same model —
+policy, reference with adapters disabled, retain — which DDP's per-forward hooks do not support
+without extra flags; an explicit all-reduce of the few adapter gradients gives the same update.)
+A registered method whose loss never asks ``ctx.denom`` averages over its own shard; its loss is
+then divided by the number of shards (the mean of per-shard means, exact only for equal shards).
+
+``config.fsdp``: the base weights are sharded with ``torch.distributed.fsdp.fully_shard``, one
+unit per transformer block, and gathered block by block in the forward and backward; the
+adapters stay whole on every process, so everything above holds unchanged
+(:func:`nsru.distributed.shard_model`).
 
 The pieces it runs on live beside it: :mod:`nsru.sampler` (the batches), :mod:`nsru.schedule`
 (the learning rate), :mod:`nsru.checkpoint` (the files of a checkpoint, written by rank 0) and
@@ -25,10 +35,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nsru.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
-from nsru.distributed import all_reduce_mean_, barrier, dist_info
+from nsru.checkpoint import (
+    Checkpoint,
+    OutputDirError,
+    check_output_dir,
+    checkpoint_bytes,
+    find_resumable,
+    read_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from nsru.distributed import (
+    all_reduce_sum_,
+    any_process,
+    barrier,
+    dist_info,
+    gather_strings,
+    run_on_rank0,
+    shard_model,
+)
+from nsru.objectives import batch_counts
 from nsru.sampler import Stream, split
 from nsru.schedule import lr_scheduler
+
+COUNT_KINDS = ("tokens", "sequences", "positions")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -47,6 +77,9 @@ class Trainer:
     parameters by name. ``eval_fn(model, step) -> dict`` runs every ``config.eval_every`` steps;
     its results go into the history. ``adapters``: the NSRU layers (their ``lora_A`` is kept in
     the null space after each step, and their files are written in each checkpoint).
+
+    Before anything runs, ``config.output_dir`` (when set) must take a file and have room for
+    the checkpoints (:func:`nsru.checkpoint.check_output_dir`).
     """
 
     def __init__(
@@ -78,6 +111,11 @@ class Trainer:
             )
         if not self.params:
             raise ValueError("no trainable parameters: nothing to unlearn with")
+        self.output_dir = Path(config.output_dir) if config.output_dir else None
+        if self.output_dir is not None:
+            run_on_rank0(lambda: check_output_dir(self.output_dir, self._checkpoint_room()), OutputDirError)
+        if getattr(config, "fsdp", False):
+            shard_model(model, keep_whole=self.params.values())
         self.device = next(iter(self.params.values())).device
         decay, no_decay = [], []
         for name, p in self.params.items():
@@ -90,7 +128,16 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
-        self.output_dir = Path(config.output_dir) if config.output_dir else None
+
+    def _checkpoint_room(self) -> int:
+        """Bytes the checkpoints still need in ``output_dir``: one more than ``keep_checkpoints``
+        exist at once (the new one is written before the oldest is removed)."""
+        tensors = {f"param.{n}": p for n, p in self.params.items()}
+        tensors.update({f"basis.{n}": layer.retain_basis for n, layer in self.adapters.items()})
+        adapter = sum(4 * (layer.lora_A.numel() + layer.lora_B.numel() + layer.retain_basis.numel())
+                      for layer in self.adapters.values())
+        present = len(list(self.output_dir.glob("checkpoint-*"))) if self.output_dir.is_dir() else 0
+        return max(1, self.cfg.keep_checkpoints + 1 - present) * checkpoint_bytes(tensors, adapter)
 
     # ---- one step
 
@@ -110,47 +157,107 @@ class Trainer:
                     parts[i][key] = {k: v.to(self.device) for k, v in enc.items()}
         return parts
 
-    def _check_finite(self, terms: Mapping[str, torch.Tensor], where: str) -> None:
+    def _global_counts(self, micro: list[dict]) -> dict[str, dict[str, float]]:
+        """Tokens, sequences and positions of every part over the global batch (one all-reduce)."""
+        parts = sorted({part for batch in micro for part in batch})
+        local = torch.zeros(len(parts), len(COUNT_KINDS), dtype=torch.float64, device=self.device)
+        for batch in micro:
+            for i, part in enumerate(parts):
+                if part in batch:
+                    c = batch_counts(batch[part]["labels"], batch[part].get("attention_mask"))
+                    local[i] += torch.stack([c[k].to(local) for k in COUNT_KINDS])
+        all_reduce_sum_([local])
+        return {part: dict(zip(COUNT_KINDS, row)) for part, row in zip(parts, local.tolist())}
+
+    def _stop(self, where: str, what: str, module: str) -> None:
+        kept = str(self.last_checkpoint) if self.last_checkpoint else (
+            "none was written (set output_dir and save_every to keep one)")
+        raise NonFiniteLossError(
+            f"non-finite {where} at step {self.step + 1} ({what}) {module}; stopped before applying it. The model "
+            f"holds the weights of step {self.step}; last good checkpoint: {kept}. Lower lr, raise beta, or enable "
+            "clipping."
+        )
+
+    def _check_loss(self, terms: Mapping[str, torch.Tensor], batch: Mapping[str, dict]) -> None:
         bad = [k for k, v in terms.items() if v is not None and not bool(torch.isfinite(v).all())]
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(flag)
-        if flag.item() > 0:
-            kept = str(self.last_checkpoint) if self.last_checkpoint else (
-                "none was written (set output_dir and save_every to keep one)")
-            what = ", ".join(f"{k} = {float(terms[k].detach()):g}" for k in bad) if bad else "on another process"
-            raise NonFiniteLossError(
-                f"non-finite {where} at step {self.step + 1} ({what}); stopped before applying it. The model holds the "
-                f"weights of step {self.step}; last good checkpoint: {kept}. Lower lr, raise beta, or enable clipping."
-            )
+        if not any_process(bool(bad), self.device):
+            return
+        module = self._locate_nonfinite(batch)  # every process runs it: its forwards may be collective
+        what = ", ".join(f"{k} = {float(terms[k].detach()):g}" for k in bad) if bad else "on another process"
+        self._stop("loss", what, "; ".join(m for m in gather_strings(module if bad else "") if m) or module)
+
+    @torch.no_grad()
+    def _locate_nonfinite(self, batch: Mapping[str, dict]) -> str:
+        """Where a NaN/Inf comes from: a trainable parameter, else the first module whose output
+        is non-finite when the batch's parts run again (the policy, then the reference), else the
+        loss itself."""
+        for name, p in self.params.items():
+            if not bool(torch.isfinite(p).all()):
+                return f"in parameter {name!r} (module {name.rsplit('.', 1)[0]!r})"
+        found: list[str] = []
+
+        def hook(name: str):
+            def check(module, args, output):
+                t = output[0] if isinstance(output, (tuple, list)) else output
+                if not found and isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(
+                        torch.isfinite(t).all()):
+                    found.append(name)
+            return check
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n]
+        try:
+            for forward in (self.ctx.forward, self.ctx.ref_forward):
+                for part, enc in batch.items():
+                    with self._autocast():
+                        forward(enc)
+                    if found:
+                        return f"in module {found[0]!r} (the first output with NaN/Inf, on the {part} batch" + (
+                            ", adapters disabled)" if forward == self.ctx.ref_forward else ")")
+        finally:
+            for h in handles:
+                h.remove()
+        return "in the loss itself (every module's output is finite on this batch)"
 
     def train_step(self) -> dict:
         cfg = self.cfg
         lr = self.optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler
         self.optimizer.zero_grad(set_to_none=True)
+        micro = self._micro_batches()
+        self.ctx.counts = self._global_counts(micro)
         sums: dict[str, float] = {}
-        for batch in self._micro_batches():
-            with self._autocast():
-                terms = self.method.loss(self.ctx, batch)
-            self._check_finite(terms, "loss")
-            (terms["loss"] / cfg.grad_accum).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        try:
+            for batch in micro:
+                self.ctx.counts_used = False
+                with self._autocast():
+                    terms = self.method.loss(self.ctx, batch)
+                if not self.ctx.counts_used:  # a loss that averages over its own shard
+                    shards = cfg.grad_accum * self.world
+                    terms = {k: v / shards for k, v in terms.items() if v is not None}
+                self._check_loss(terms, batch)
+                terms["loss"].backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+        finally:
+            self.ctx.counts = None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
         for p, g in zip(self.params.values(), grads):
             p.grad = g
-        all_reduce_mean_(grads)
+        all_reduce_sum_(grads)
         if cfg.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        self._check_finite({"gradient norm": norm}, "gradient")
+        if not bool(torch.isfinite(norm)):  # identical on every process: the gradients were all-reduced
+            bad = [n for n, p in self.params.items() if not bool(torch.isfinite(p.grad).all())]
+            modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in bad))
+            self._stop("gradient", f"gradient norm = {float(norm):g}",
+                       f"in module {modules[0]!r}" + (f" and {len(modules) - 1} more" if len(modules) > 1 else ""))
         self.optimizer.step()
         self.scheduler.step()
         self._reproject()
         self.step += 1
         logged = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
-        all_reduce_mean_([logged])
+        all_reduce_sum_([logged])
         record = {"step": self.step, "lr": lr, **dict(zip(sums, logged.tolist())), "grad_norm": float(norm)}
         self.history.append(record)
         return record
@@ -222,7 +329,8 @@ class Trainer:
         if self.output_dir is None:
             raise ValueError("save_checkpoint needs config.output_dir")
         final = self.output_dir / f"checkpoint-{self.step}"
-        if self.rank == 0:
+
+        def write() -> None:
             state = {
                 "method": self.method.name,
                 "world_size": self.world,
@@ -235,25 +343,30 @@ class Trainer:
             save_checkpoint(self.output_dir, self.step, trainable=self._trainable_tensors(), optimizer=self.optimizer,
                             state=state, adapter_model=self.model if self.adapters else None,
                             keep=self.cfg.keep_checkpoints)
-        barrier()
+
+        run_on_rank0(write, OutputDirError)
         self.last_checkpoint = final
         return final
 
     def _resume(self) -> None:
         cfg = self.cfg
         if isinstance(cfg.resume, str):
-            path = Path(cfg.resume)
-        elif self.output_dir is not None:
-            path = latest_checkpoint(self.output_dir)
-            if path is None:
-                return  # nothing to resume from: start fresh
-        else:
+            self.load_checkpoint(cfg.resume)
+            return
+        if self.output_dir is None:
             raise ValueError("resume=True needs output_dir (or pass the checkpoint path as resume)")
-        self.load_checkpoint(path)
+        if self.rank == 0:
+            remove_stale_temporaries(self.output_dir)  # left by a run killed while writing
+        barrier()
+        ckpt = find_resumable(self.output_dir)  # names and skips damaged checkpoints
+        if ckpt is not None:
+            self._restore(ckpt)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore parameters, bases, optimizer, data positions, RNG and history from ``path``."""
-        ckpt = read_checkpoint(path)
+        self._restore(read_checkpoint(path))
+
+    def _restore(self, ckpt: Checkpoint) -> None:
         path, state, tensors = ckpt.path, ckpt.state, ckpt.trainable
         with torch.no_grad():
             for name, p in self.params.items():
