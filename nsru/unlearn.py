@@ -22,9 +22,10 @@ from torch import nn
 
 from nsru.adapt import apply_nsru
 from nsru.adapter_init import init_adapters
+from nsru.checkpoint import OutputDirError, check_output_dir
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
-from nsru.distributed import all_reduce_mean_, dist_info, init_distributed_from_env
+from nsru.distributed import all_reduce_mean_, dist_info, init_distributed_from_env, run_on_rank0
 from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
@@ -148,6 +149,8 @@ def unlearn(
         retain = None
     cfg, m = resolve_config(method, config, options)
     init_distributed_from_env()
+    if cfg.output_dir:  # before any work: a run that cannot checkpoint fails now, not after the statistics
+        run_on_rank0(lambda: check_output_dir(cfg.output_dir), OutputDirError)
     # Imported here: transformers' trainer utilities import peft when it is installed, which added
     # 4.4 s to `import nsru` (measured); the Trainer's scheduler needs the same import anyway.
     from transformers import set_seed
