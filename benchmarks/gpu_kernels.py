@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_layer import copy_linear, forward_step, peft_lora, train_step  # noqa: E402
+from cases import copy_linear, forward_step, peft_lora, train_step  # noqa: E402
 
 FULL = {"tokens": 8192, "in_features": 4096, "out_features": 11008, "rank": 16, "alpha": 32}
 SMOKE = {"tokens": 40, "in_features": 48, "out_features": 80, "rank": 16, "alpha": 32}
