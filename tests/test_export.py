@@ -9,7 +9,7 @@ import torch
 
 import nsru
 from nsru.adapt import export_peft
-from tests.conftest import tiny_gpt2, tiny_llama, token_batches
+from conftest import tiny_gpt2, tiny_llama, token_batches
 
 peft = pytest.importorskip("peft")
 

@@ -1,0 +1,177 @@
+"""``nsru eval``: TOFU metrics, multiple-choice accuracy and perplexity of a model (with an adapter).
+
+Metrics are :mod:`nsru.metrics`' (open-unlearning's definitions): on forget data probability,
+ROUGE-L recall, truth ratio and safe-response rate; on retain and ``--general`` sets probability,
+ROUGE-L recall and truth ratio, whose harmonic mean is model utility; forget quality (with
+``--retain-model``); WMDP-style accuracy (``--mc``, ``--benign-mc``); perplexity (``--text``);
+and lm-eval-harness tasks (``--lm-eval``) when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+from nsru.cli.common import (UsageError, adapter_folder, add_model_args, check_dtype_device, check_model_path,
+                             load_mc, load_model, load_rows, named_files, read_config_file, writable_dir)
+
+NAME = "eval"
+DETAILS = "eval_details.json"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        NAME, help="evaluate a model or an adapter: TOFU metrics, multiple choice, perplexity, lm-eval tasks",
+        description=__doc__.split("\n\n", 1)[1].replace("``", "").replace(":mod:", "").replace("`", ""),
+        usage="nsru eval --model PATH [--adapter DIR] [--forget FILE] [--retain FILE] [--general NAME=FILE] "
+              "[--retain-model PATH] [--mc FILE] [--benign-mc NAME=FILE] [--text FILE] [--lm-eval TASKS] [--out DIR]")
+    add_model_args(p)
+    p.add_argument("--adapter", metavar="DIR", help="an adapter folder (NSRU or PEFT) or a run folder of "
+                                                    "`nsru unlearn`; without it the model is scored as it is")
+    p.add_argument("--forget", metavar="FILE", help="forget question-answer rows (TOFU fields)")
+    p.add_argument("--retain", metavar="FILE", help="retain question-answer rows (count toward model utility)")
+    p.add_argument("--general", metavar="NAME=FILE", action="append",
+                   help="more question-answer sets that count toward model utility (repeatable)")
+    p.add_argument("--retain-model", metavar="PATH", help="a model never trained on the forget data (TOFU's retain "
+                                                          "model): forget quality = KS test of the truth ratios")
+    p.add_argument("--mc", metavar="FILE", help="hazardous multiple-choice rows (question, choices, answer index)")
+    p.add_argument("--benign-mc", metavar="NAME=FILE", action="append",
+                   help="benign multiple-choice sets (repeatable)")
+    p.add_argument("--text", metavar="FILE", help="text corpus (text field, or .txt lines) for perplexity")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval-harness tasks (needs `pip install "
+                                                      "lm-eval`, and its data sets)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length for ROUGE and safe rate")
+    p.add_argument("--out", metavar="DIR", help="write metrics.json (its 'eval' section; a run folder keeps its "
+                                                "'train' section) and eval_details.json here")
+    p.add_argument("--config", metavar="YAML", help="config file whose run: section gives --model (and dtype, device)")
+    return p
+
+
+def run(args, overrides: dict) -> int:
+    if overrides:
+        raise UsageError(f"nsru eval takes no key=value options (got {', '.join(overrides)})")
+    file_run, _ = read_config_file(args.config)
+    pick = lambda key: getattr(args, key, None) if getattr(args, key, None) is not None else file_run.get(key)  # noqa: E731
+    model = check_model_path(pick("model"))
+    check_dtype_device(pick("dtype"), pick("device"))
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+    if not any((args.forget, args.retain, args.general, args.mc, args.benign_mc, args.text, args.lm_eval)):
+        raise UsageError("nothing to evaluate: give --forget, --retain, --general, --mc, --benign-mc, --text or "
+                         "--lm-eval")
+    adapter = adapter_folder(args.adapter) if args.adapter else None
+    retain_model = check_model_path(args.retain_model, "--retain-model") if args.retain_model else None
+    sets = {"forget": load_rows(args.forget, "--forget"), "retain": load_rows(args.retain, "--retain")}
+    general = {name: load_rows(spec, f"--general {name}") for name, spec in named_files(args.general, "--general").items()}
+    for name, rows in [*sets.items(), *general.items()]:
+        if rows is not None and "question" not in rows[0]:
+            raise UsageError(f"the {name} set has text rows; the TOFU metrics need question/answer rows")
+    if retain_model and sets["forget"] is None:
+        raise UsageError("--retain-model is for forget quality: give --forget too")
+    hazard = load_mc(args.mc, "--mc") if args.mc else None
+    benign = {name: load_mc(spec, f"--benign-mc {name}") for name, spec in named_files(args.benign_mc, "--benign-mc").items()}
+    text = load_rows(args.text, "--text") if args.text else None
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else []
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("--lm-eval needs lm-eval-harness: pip install lm-eval")
+    out = writable_dir(args.out) if args.out else None
+
+    started = time.perf_counter()
+    lm, tok = load_model(model, tokenizer=pick("tokenizer"), dtype=pick("dtype"), device=pick("device"),
+                         trust_remote_code=bool(pick("trust_remote_code")))
+    if adapter is not None:
+        lm = _with_adapter(lm, *adapter)
+    report, details = _evaluate(lm, tok, sets, general, hazard, benign, text, args)
+    if retain_model is not None and report.get("forget_tr_values_available"):
+        from nsru import metrics as M
+
+        ref, ref_tok = load_model(retain_model, dtype=pick("dtype"), device=pick("device"),
+                                  trust_remote_code=bool(pick("trust_remote_code")))
+        ref_tr = M.truth_ratio(ref, ref_tok, sets["forget"], batch_size=args.batch_size)["values"]
+        report["forget_quality"] = M.forget_quality(details["forget_tr_values"], ref_tr)
+    elif retain_model is not None:
+        raise UsageError("forget quality needs paraphrased_answer and perturbed_answer in every forget row")
+    report.pop("forget_tr_values_available", None)
+    if tasks:
+        report["lm_eval"] = _lm_eval(lm, tok, tasks, args.batch_size)
+    report["seconds"] = time.perf_counter() - started
+    report["model"] = model
+    report["adapter"] = str(adapter[0]) if adapter else None
+
+    for key, value in report.items():
+        if isinstance(value, float):
+            print(f"{key:24s} {value:.4g}")
+    if out is not None:
+        from nsru.cli.rundir import RunDir
+
+        run_dir = RunDir(out, echo=False)
+        run_dir.update_metrics("eval", report)
+        run_dir.write_json(DETAILS, details)
+        print(f"wrote {out / 'metrics.json'} and {out / DETAILS}")
+    return 0
+
+
+def _with_adapter(model, folder: Path, kind: str):
+    if kind == "peft":
+        import peft
+
+        return peft.PeftModel.from_pretrained(model, str(folder)).eval()
+    from nsru.adapt import load_adapter
+
+    try:
+        load_adapter(model, folder)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return model.eval()
+
+
+def _evaluate(model, tok, sets, general, hazard, benign, text, args) -> tuple[dict, dict]:
+    from nsru import metrics as M
+
+    bs, new = args.batch_size, args.max_new_tokens
+    report, details = {}, {}
+    if sets["forget"] is not None:
+        r = M.evaluate_qa(model, tok, sets["forget"], forget=True, max_new_tokens=new, batch_size=bs, name="forget")
+        report.update({"forget_prob": r["prob"], "forget_rouge": r["rouge"]})
+        if "truth_ratio" in r:
+            report["forget_truth_ratio"] = r["truth_ratio"]
+            details["forget_tr_values"] = r["tr_values"]
+            report["forget_tr_values_available"] = True
+        report["safe_rate"] = M.safe_rate(model, tok, sets["forget"], generations=r["generations"])["rate"]
+        details["forget_generations"] = r["generations"]
+    utility = {}
+    for name, rows in [("retain", sets["retain"]), *general.items()]:
+        if rows is None:
+            continue
+        r = M.evaluate_qa(model, tok, rows, forget=False, max_new_tokens=new, batch_size=bs, name=name)
+        for key in ("prob", "rouge", "truth_ratio"):
+            if key in r:
+                report[f"{name}_{key}"] = utility[f"{name}_{key}"] = r[key]
+        details[f"{name}_generations"] = r["generations"]
+    if utility:
+        report["model_utility"] = M.model_utility(utility)
+    if hazard is not None:
+        report["hazard_acc"] = M.mc_accuracy(model, tok, hazard, bs)["acc"]
+    if benign:
+        right = total = 0
+        for name, rows in benign.items():
+            res = M.mc_accuracy(model, tok, rows, bs)
+            report[f"{name}_acc"] = res["acc"]
+            right, total = right + sum(res["values"]), total + len(res["values"])
+        report["benign_acc"] = right / total
+    if text is not None:
+        report["perplexity"] = M.perplexity(model, tok, [r["text"] for r in text], batch_size=max(1, bs // 2))
+    return report, details
+
+
+def _lm_eval(model, tok, tasks: list[str], batch_size: int) -> dict:
+    """lm-eval-harness's scores of ``tasks`` on the in-memory model (``lm_eval.simple_evaluate``)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size), tasks=tasks)
+    return json.loads(json.dumps(results.get("results", {}), default=str))

@@ -1,0 +1,137 @@
+"""The folder of one ``nsru unlearn`` run.
+
+::
+
+    OUT/
+      config.yaml          the resolved configuration: run (model, data, ...) and unlearn (every option,
+                           with the method's loss weights filled in); `--config OUT/config.yaml` repeats it
+      log.txt              what the command printed, with times
+      history.jsonl        one line per optimizer step: step, lr, loss terms, gradient norm
+      basis_report.json    per adapted module: retain-subspace size k, width, leakage on the
+                           statistics / retain / forget data; and their means
+      adapter/             the NSRU adapter (nsru.load_adapter; `nsru export` makes a PEFT one)
+      metrics.json         "train": time, steps, last losses; "eval": what `nsru eval --out OUT` measured
+      checkpoints/         checkpoint-<step>/ folders for `--resume` (save_every=N)
+
+Standard library (and PyYAML) only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from nsru.atomic import atomic_write
+from nsru.cli.common import UsageError, writable_dir
+
+CONFIG = "config.yaml"
+LOG = "log.txt"
+HISTORY = "history.jsonl"
+BASIS_REPORT = "basis_report.json"
+ADAPTER = "adapter"
+METRICS = "metrics.json"
+CHECKPOINTS = "checkpoints"
+
+
+class RunDir:
+    def __init__(self, path: str | Path, echo: bool = True) -> None:
+        self.path = Path(path)
+        self.echo = echo
+
+    @classmethod
+    def open(cls, path: str | Path, resume: bool) -> RunDir:
+        """A new run folder, or (``resume``) the existing one; checks before anything is written."""
+        run = cls(path)
+        if resume:
+            if not (run.path / CONFIG).is_file():
+                raise UsageError(f"--resume: {path} holds no run to continue (no {CONFIG}); start it without --resume")
+        elif (run.path / CONFIG).is_file():
+            raise UsageError(f"--out {path} already holds a run; pass --resume to continue it, or choose another --out")
+        writable_dir(run.path)
+        return run
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ---- text
+
+    def log(self, message: str) -> None:
+        if self.echo:
+            print(message, flush=True)
+        with open(self.path / LOG, "a", encoding="utf-8") as f:
+            for line in str(message).splitlines() or [""]:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
+
+    def write_json(self, name: str, data) -> Path:
+        text = json.dumps(data, indent=1, default=_plain) + "\n"
+        atomic_write(self.path / name, lambda p: p.write_text(text, encoding="utf-8"))
+        return self.path / name
+
+    def read_json(self, name: str, default=None):
+        file = self.path / name
+        if not file.is_file():
+            return default
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{file}: not valid JSON (line {e.lineno}): {e.msg}") from None
+
+    # ---- configuration
+
+    def write_config(self, run: dict, unlearn: dict) -> Path:
+        import yaml
+
+        body = {"run": {k: v for k, v in run.items() if v is not None}, "unlearn": _yaml_safe(unlearn)}
+        text = ("# Resolved configuration of this run (nsru unlearn --config this-file repeats it).\n"
+                + yaml.safe_dump(body, sort_keys=False, default_flow_style=None))
+        atomic_write(self.path / CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
+        return self.path / CONFIG
+
+    def read_config(self) -> tuple[dict, dict]:
+        from nsru.cli.common import read_config_file
+
+        return read_config_file(self.path / CONFIG)
+
+    # ---- history and metrics
+
+    def write_history(self, records: list[dict]) -> Path:
+        text = "".join(json.dumps(r, default=_plain) + "\n" for r in records)
+        atomic_write(self.path / HISTORY, lambda p: p.write_text(text, encoding="utf-8"))
+        return self.path / HISTORY
+
+    def history_from_checkpoint(self) -> list[dict]:
+        """The history saved in the newest checkpoint (what is left after a failed run)."""
+        from nsru.checkpoint import STATE_FILE, latest_checkpoint
+
+        found = latest_checkpoint(self.path / CHECKPOINTS) if (self.path / CHECKPOINTS).is_dir() else None
+        if found is None:
+            return []
+        try:
+            return list(json.loads((found / STATE_FILE).read_text()).get("history", []))
+        except (OSError, ValueError):
+            return []
+
+    def update_metrics(self, section: str, values: dict) -> Path:
+        """Set one section of ``metrics.json``, keeping the others."""
+        metrics = self.read_json(METRICS, {}) or {}
+        metrics[section] = values
+        return self.write_json(METRICS, metrics)
+
+
+def _plain(value):
+    """JSON for what json cannot write itself (tensors, paths, tuples of those)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _yaml_safe(values: dict) -> dict:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, tuple):
+            v = list(v)
+        elif not isinstance(v, (str, int, float, bool, list, dict, type(None))):
+            v = str(v)
+        out[k] = v
+    return out

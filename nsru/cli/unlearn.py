@@ -1,0 +1,189 @@
+"""``nsru unlearn``: :func:`nsru.unlearn` on a model and data files, into a run folder.
+
+Everything the command can check is checked before the model loads: the options (names, types,
+ranges), the method, the model folder, every data row, the bases folder and the output folder.
+See :mod:`nsru.cli.rundir` for what the run folder holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from nsru.cli import rundir as R
+from nsru.cli.common import (RUN_KEYS, UsageError, add_model_args, build_config, check_dtype_device,
+                             check_model_path, load_model, load_rows, options_help, read_config_file)
+
+NAME = "unlearn"
+CHECKPOINTS_PER_RUN = 10  # save_every's default here: a checkpoint every tenth of the steps, for --resume
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        NAME, help="unlearn forget data from a model; writes a run folder with the adapter",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="nsru unlearn --model PATH --forget FILE [--retain FILE] --out DIR [--config YAML] [--bases DIR] "
+              "[--resume] [key=value ...]",
+        description="Train NSRU (or a baseline: method=...) adapters that make the model refuse the forget "
+                    "questions, suppress its old answers and keep the retain data, with updates confined to the "
+                    "null space of each module's retain statistics. Data: TOFU-style JSON/JSONL (question, answer; "
+                    "optional paraphrased_answer, perturbed_answer, subject, safe_answer), text corpora (text), or "
+                    "a datasets name NAME[:CONFIG][@SPLIT] such as locuslab/TOFU:forget10.\n\n"
+                    "The run folder gets config.yaml (resolved), log.txt, history.jsonl (one line per step), "
+                    "basis_report.json (k and leakage per module), adapter/, metrics.json and checkpoints/.",
+        epilog="Options as key=value (after the flags or among them; they override the config file). Values "
+               "are YAML: lr=3e-3, target_modules=[q_proj,v_proj] (or q_proj,v_proj), stats=[retain,self], "
+               "project=false, rmu_layer=null. Here save_every defaults to a tenth of the steps.\n"
+               + options_help())
+    add_model_args(p)
+    p.add_argument("--forget", metavar="FILE", help="forget data (required here or in the config's run section)")
+    p.add_argument("--retain", metavar="FILE", help="retain data: the retention loss and (stats=retain) the statistics")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (must not hold a run unless --resume)")
+    p.add_argument("--config", metavar="YAML", help="config file: sections run: (model, forget, retain, dtype, "
+                                                    "device, bases) and unlearn: (the key=value options)")
+    p.add_argument("--bases", metavar="DIR", help="reuse the retain bases written by `nsru subspace --out DIR` instead "
+                                                  "of collecting the statistics again")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint, with its config.yaml (key=value "
+                        "options still apply, e.g. steps=200 to train longer)")
+    return p
+
+
+def _run_values(args, file_run: dict, previous: dict) -> dict:
+    values = {**previous, **file_run}
+    for key in RUN_KEYS:
+        given = getattr(args, key, None)
+        if given is not None:
+            values[key] = given
+    for key in ("model", "tokenizer", "forget", "retain", "bases"):  # local paths absolute, so config.yaml works anywhere
+        if values.get(key) is not None and Path(str(values[key])).expanduser().exists():
+            values[key] = str(Path(str(values[key])).expanduser().resolve())
+    return values
+
+
+def run(args, overrides: dict) -> int:
+    out = Path(args.out)
+    previous_run, previous_unlearn = {}, {}
+    if args.resume:
+        if not (out / R.CONFIG).is_file():
+            raise UsageError(f"--resume: {out} holds no run to continue (no {R.CONFIG}); start it without --resume")
+        previous_run, previous_unlearn = R.RunDir(out).read_config()
+    file_run, file_unlearn = read_config_file(args.config)
+    values = _run_values(args, file_run, previous_run)
+    explicit = {**file_unlearn, **overrides}
+    cfg = build_config({**previous_unlearn, **file_unlearn}, overrides, args.config or "")
+
+    from nsru.methods import get_method
+
+    method = get_method(cfg.method)
+    model = check_model_path(values.get("model"))
+    check_dtype_device(values.get("dtype"), values.get("device"))
+    if not values.get("forget"):
+        raise UsageError("--forget is required (a JSON/JSONL file of question/answer or text rows, or a datasets name)")
+    forget = load_rows(values["forget"], "--forget")
+    retain = load_rows(values.get("retain"), "--retain")
+    project = cfg.project if cfg.project is not None else method.overrides.get("project", method.project)
+    if retain is None:
+        if cfg.retain and method.needs_retain:
+            raise UsageError(f"method {cfg.method!r} has a retention term: give --retain FILE, or retain=false to "
+                             "switch the term off")
+        sources = cfg.stats if isinstance(cfg.stats, (list, tuple)) else [cfg.stats]
+        if cfg.finetune == "adapter" and project and "retain" in sources and not values.get("bases"):
+            raise UsageError("the null-space projection needs statistics data: give --retain FILE, stats=self or "
+                             "stats=FILE, --bases DIR, or project=false (plain LoRA)")
+    bases = None
+    if values.get("bases"):
+        from nsru.cli.subspace import read_bases
+
+        if cfg.finetune != "adapter" or not project:
+            raise UsageError(f"--bases applies to projected adapters; method {cfg.method!r} with "
+                             f"finetune={cfg.finetune}, project={project} has none")
+        for key in ("target_modules", "layers"):
+            if key in explicit and not args.resume:
+                raise UsageError(f"--bases fixes the adapted modules (those of the subspace run); drop {key}=")
+        bases = read_bases(values["bases"])
+        cfg = cfg.replace(target_modules=bases[0]["target_modules"], layers=bases[0]["layers"])
+
+    run_dir = R.RunDir.open(out, resume=args.resume)
+    from nsru.unlearn import resolve_config
+
+    resolved, _ = resolve_config(None, cfg, {})
+    save_every = resolved.save_every if "save_every" in explicit or previous_unlearn else max(
+        1, resolved.steps // CHECKPOINTS_PER_RUN)
+    resolved = resolved.replace(save_every=save_every, output_dir=str(run_dir / R.CHECKPOINTS), resume=args.resume)
+    config_values = {k: v for k, v in resolved.to_dict().items() if k not in ("output_dir", "resume")}
+    run_dir.write_config(values, config_values)
+    run_dir.log(f"nsru unlearn: {'resuming' if args.resume else 'new'} run in {out} (method {resolved.method}, "
+                f"{resolved.steps} steps, {len(forget)} forget rows, {len(retain) if retain else 0} retain rows)")
+
+    lm, tok = load_model(model, tokenizer=values.get("tokenizer"), dtype=values.get("dtype"),
+                         device=values.get("device"), trust_remote_code=bool(values.get("trust_remote_code")),
+                         log=run_dir.log)
+    call = resolved
+    if bases is not None:
+        call = _apply_bases(lm, resolved, bases, run_dir)
+    import nsru
+
+    started = time.perf_counter()
+    try:
+        result = nsru.unlearn(lm, tok, forget, retain if retain is not None else None, config=call)
+    except BaseException as e:
+        kept = run_dir.history_from_checkpoint()
+        if kept:
+            run_dir.write_history(kept)
+        run_dir.log(f"failed after {time.perf_counter() - started:.1f}s: {type(e).__name__}: {e}"
+                    + (f"; history.jsonl holds the {len(kept)} checkpointed steps, --resume continues" if kept else ""))
+        raise
+
+    run_dir.write_history(result.history)
+    report = _basis_report(result, bases)
+    run_dir.write_json(R.BASIS_REPORT, report)
+    nsru.save_adapter(lm, run_dir / R.ADAPTER, base_model_name_or_path=model)
+    last = result.history[-1] if result.history else {}
+    train = {"method": resolved.method, "steps": len(result.history), "seconds": result.seconds,
+             "last": last, "modules": report["modules_count"], "mean_k": report["mean_k"],
+             "mean_leakage": report["mean_leakage"], "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    run_dir.update_metrics("train", train)
+    losses = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("step", "lr", "grad_norm")
+                       and isinstance(v, float))
+    leak = f"{report['mean_leakage']:.4f}" if report["mean_leakage"] is not None else "n/a"
+    run_dir.log(f"done: {train['steps']} steps in {result.seconds:.1f}s; last {losses}; {report['modules_count']} "
+                f"modules, mean k {report['mean_k']:.1f}, mean leakage {leak}")
+    run_dir.log(f"wrote {run_dir / R.ADAPTER} (nsru export --adapter {out} --out DIR: a PEFT copy; nsru merge: "
+                "a plain model)")
+    return 0
+
+
+def _apply_bases(model, cfg, bases, run_dir):
+    """Adapters on the subspace run's modules with its bases; nsru.unlearn then skips the statistics
+    (project=False there means only "do not collect them": the forward, the init and the trainer
+    still project every lora_A onto the null space of the basis each layer holds)."""
+    from nsru.adapt import apply_nsru
+    from nsru.subspace import set_retain_bases
+
+    meta, tensors, _ = bases
+    try:
+        layers = apply_nsru(model, target_modules=list(meta["modules"]), r=cfg.r, alpha=cfg.alpha)
+    except ValueError as e:
+        raise UsageError(f"--bases: {e}") from None
+    wrong = [n for n, layer in layers.items() if tensors[n].shape[0] != layer.in_features]
+    if wrong:
+        raise UsageError(f"--bases: the basis of {wrong[0]!r} has {tensors[wrong[0]].shape[0]} rows but the module "
+                         f"reads {layers[wrong[0]].in_features} features: the bases are of another model")
+    set_retain_bases(model, {n: tensors[n] for n in layers})
+    run_dir.log(f"reusing the retain bases of {len(layers)} modules from {meta.get('model') or 'a subspace run'} "
+                f"({meta.get('rule')})")
+    return cfg.replace(project=False)
+
+
+def _basis_report(result, bases) -> dict:
+    from nsru.cli.subspace import summarize
+
+    if bases is not None:  # the statistics were not collected here: the subspace run's report
+        report = dict(bases[2])
+        report["from"] = "bases"
+        return report
+    modules = result.bases_info
+    return {"rule": result.config.subspace, "stats": result.config.stats, **summarize(modules),
+            "modules": modules, "init": result.init_info}
