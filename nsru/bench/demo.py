@@ -44,10 +44,34 @@ KEYS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retai
 
 def _load(path):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(path)
+    # One "Loading weights" bar per load made 52 of them in a demo's output.
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     model.eval()
     return model
+
+
+def check_budget(seeds: int, steps: int | None, lr: float | None, methods) -> None:
+    """Raise ``ValueError`` for a budget or method list that cannot run, before any work."""
+    from nsru.methods import get_method
+
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be at least 1, got {steps!r}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not methods:
+        raise ValueError("methods is empty")
+    for name in methods:
+        get_method(name)  # ValueError naming the known methods
 
 
 def _tofu_report(model, tok, sets, retain_tr):
@@ -72,6 +96,7 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
     """
     from nsru.unlearn import unlearn
 
+    check_budget(seeds, steps, lr, methods)
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,8 +115,8 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
         "hazard_mc": world.mc("hazard"),
         "benign_mc": world.mc("benign"),
     }
-    n_steps = steps or (QUICK_STEPS if quick else STEPS)
-    lr = lr or LR
+    n_steps = steps if steps is not None else QUICK_STEPS if quick else STEPS
+    lr = lr if lr is not None else LR
     per_seed: dict[str, list[dict]] = {}
 
     t0 = time.perf_counter()
@@ -181,28 +206,66 @@ def table(models: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(models: dict, path) -> Path:
-    """Forget quality (log scale) against model utility, one point per model, as in TOFU's figure."""
+# Colours by model, all distinct (tab10, then five more); markers by kind of model.
+PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+           "tab:olive", "tab:cyan", "black", "gold", "navy", "lime", "magenta")
+
+
+def _style(name: str, i: int) -> dict:
+    marker = "s" if name in REFERENCES else "*" if name == "nsru" else "D" if name.startswith("nsru-") else "o"
+    return {"color": PALETTE[i % len(PALETTE)], "marker": marker, "markersize": 14 if name == "nsru" else 8}
+
+
+def figure(models: dict):
+    """The demo's figure: TOFU-style forget quality (log, capped at 1) against model utility, and
+    WMDP-style hazard accuracy against benign accuracy; one colour per model, one legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, row in models.items():
+    fig, (tofu, wmdp) = plt.subplots(1, 2, figsize=(13, 5))
+    lowest = 1.0
+    for i, (name, row) in enumerate(models.items()):
+        style = _style(name, i)
         fq, mu = row.get("forget_quality"), row.get("model_utility")
-        if fq is None or mu is None:
-            continue
-        fq = max(fq, 1e-30)
-        marker = "*" if name == "nsru" else "s" if name in REFERENCES else "o"
-        ax.scatter([mu], [fq], s=120 if name == "nsru" else 50, marker=marker, zorder=3)
-        ax.annotate(name, (mu, fq), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("model utility")
-    ax.set_ylabel("forget quality (KS p-value vs the retain model)")
-    ax.set_title("forget10 on the offline TOFU-style world")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+        if fq is not None and mu is not None:
+            fq = max(fq, 1e-30)
+            lowest = min(lowest, fq)
+            tofu.errorbar(mu, fq, xerr=row.get("model_utility_std"), fmt=style["marker"], color=style["color"],
+                          markersize=style["markersize"], capsize=2, label=name, zorder=3, clip_on=False)
+        hz, bn = row.get("hazard_acc"), row.get("benign_acc")
+        if hz is not None and bn is not None:
+            wmdp.errorbar(bn, hz, xerr=row.get("benign_acc_std"), yerr=row.get("hazard_acc_std"), fmt=style["marker"],
+                          color=style["color"], markersize=style["markersize"], capsize=2, label=name, zorder=3,
+                          clip_on=False)
+    tofu.set_yscale("log")
+    tofu.set_ylim(min(lowest, 1e-3) / 10, 1.0)  # a p-value: nothing above 1
+    tofu.set_xlabel("model utility (higher: more kept)")
+    tofu.set_ylabel("forget quality: KS p-value vs the retain model (higher: closer)")
+    tofu.set_title("TOFU-style: forget10 people")
+    wmdp.axhline(0.25, color="grey", linestyle=":", linewidth=1)
+    wmdp.axvline(0.25, color="grey", linestyle=":", linewidth=1)
+    wmdp.set_xlim(0, 1.02)
+    wmdp.set_ylim(0, 1.02)
+    wmdp.set_xlabel("benign multiple-choice accuracy (higher: more kept)")
+    wmdp.set_ylabel("hazardous multiple-choice accuracy (lower: more forgotten; chance 0.25)")
+    wmdp.set_title("WMDP-style: the hazardous domain")
+    for ax in (tofu, wmdp):
+        ax.grid(True, alpha=0.3)
+    handles, labels = tofu.get_legend_handles_labels()
+    if not handles:
+        handles, labels = wmdp.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    return fig
+
+
+def plot(models: dict, path) -> Path:
+    """Save :func:`figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(models)
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
