@@ -568,3 +568,24 @@ def test_demo_load_shows_no_progress_bars(tmp_path, capfd):
     demo._load(tmp_path / "m")
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards
+
+
+# --------------------------------------------------------------------------------------------
+# data given as datasets
+
+
+def test_datasets_folder_and_hub_names(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"question": f"q{i} ?", "answer": f"a{i} ."} for i in range(3)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert common.load_rows(str(tmp_path / "saved"), "--forget") == rows
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "splits"))
+    assert len(common.load_rows(str(tmp_path / "splits"), "--forget")) == 3  # train when there are several
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(common.UsageError, match=r"--forget someorg/none:cfg@train: not a local file, and the "
+                                                r"datasets hub could not load it"):
+        common.data_source("someorg/none:cfg@train", "--forget")
+    with pytest.raises(common.UsageError, match=r"--retain ./x.json: no such file"):
+        common.data_source("./x.json", "--retain")

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             overrides = {}
         return args.run(args, overrides)
     except UsageError as e:
-        print(f"nsru {name}: {e}", file=sys.stderr)
+        print(f"nsru {name}: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
     except KeyboardInterrupt:
         print(f"nsru {name}: interrupted", file=sys.stderr)

@@ -136,6 +136,16 @@ def build_config(file_values: dict, overrides: dict, where: str = "") -> Unlearn
     return cfg
 
 
+def wrap(text: str, width: int = 100) -> str:
+    """Paragraphs filled to ``width`` for a raw-text help (lines that start with spaces stay as they are)."""
+    import textwrap
+
+    out = []
+    for block in text.split("\n"):
+        out.append(block if block.startswith(" ") or not block else textwrap.fill(block, width))
+    return "\n".join(out)
+
+
 def options_help(names=None) -> str:
     """The ``key=value`` options with their defaults, for a command's ``--help`` (all but those the
     command line sets itself, or only ``names``)."""
@@ -147,7 +157,10 @@ def options_help(names=None) -> str:
         if isinstance(default, tuple):
             default = list(default)
         shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
-        lines.append(f"  {f.name}={shown}\n      {HELP.get(f.name, '')}")
+        import textwrap
+
+        text = textwrap.fill(HELP.get(f.name, ""), 96, initial_indent="      ", subsequent_indent="      ")
+        lines.append(f"  {f.name}={shown}\n{text}")
     return "\n".join(lines)
 
 
@@ -256,7 +269,7 @@ def data_source(spec: str, flag: str):
 
 
 def _one_split(loaded, spec: str, split: str | None, flag: str):
-    if hasattr(loaded, "keys") and not hasattr(loaded, "column_names"):  # a DatasetDict
+    if type(loaded).__name__ in ("DatasetDict", "IterableDatasetDict"):
         splits = list(loaded.keys())
         if split is None and len(splits) == 1:
             return loaded[splits[0]]

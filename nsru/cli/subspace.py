@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from nsru.cli.common import (UsageError, add_model_args, build_config, check_dtype_device, check_model_path,
-                             load_model, load_rows, options_help, read_config_file, writable_dir)
+                             load_model, load_rows, options_help, read_config_file, wrap, writable_dir)
 
 NAME = "subspace"
 FORMAT = "nsru-subspace"
@@ -32,9 +32,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         NAME, help="retain statistics and bases only (reused by `nsru unlearn --bases`)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Collect the input statistics of the modules that would get adapters, on the statistics data "
+        description=wrap("Collect the input statistics of the modules that would get adapters, on the statistics data "
                     "(stats=..., default the retain set), and write their retain bases with a report of k and "
-                    "leakage per module. Nothing is trained.",
+                    "leakage per module. Nothing is trained."),
         usage="nsru subspace --model PATH --retain FILE --out DIR [--forget FILE] [--config YAML] [key=value ...]",
         epilog="key=value options used here (any other `nsru unlearn` option is accepted and ignored):\n"
                + options_help(USED))

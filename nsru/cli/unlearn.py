@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nsru.cli import rundir as R
 from nsru.cli.common import (RUN_KEYS, UsageError, add_model_args, build_config, check_dtype_device,
-                             check_model_path, load_model, load_rows, options_help, read_config_file)
+                             check_model_path, load_model, load_rows, options_help, read_config_file, wrap)
 
 NAME = "unlearn"
 CHECKPOINTS_PER_RUN = 10  # save_every's default here: a checkpoint every tenth of the steps, for --resume
@@ -25,17 +25,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="nsru unlearn --model PATH --forget FILE [--retain FILE] --out DIR [--config YAML] [--bases DIR] "
               "[--resume] [key=value ...]",
-        description="Train NSRU (or a baseline: method=...) adapters that make the model refuse the forget "
+        description=wrap("Train NSRU (or a baseline: method=...) adapters that make the model refuse the forget "
                     "questions, suppress its old answers and keep the retain data, with updates confined to the "
                     "null space of each module's retain statistics. Data: TOFU-style JSON/JSONL (question, answer; "
                     "optional paraphrased_answer, perturbed_answer, subject, safe_answer), text corpora (text), or "
                     "a datasets name NAME[:CONFIG][@SPLIT] such as locuslab/TOFU:forget10.\n\n"
                     "The run folder gets config.yaml (resolved), log.txt, history.jsonl (one line per step), "
-                    "basis_report.json (k and leakage per module), adapter/, metrics.json and checkpoints/.",
-        epilog="Options as key=value (after the flags or among them; they override the config file). Values "
+                    "basis_report.json (k and leakage per module), adapter/, metrics.json and checkpoints/."),
+        epilog=wrap("Options as key=value (after the flags or among them; they override the config file). Values "
                "are YAML: lr=3e-3, target_modules=[q_proj,v_proj] (or q_proj,v_proj), stats=[retain,self], "
-               "project=false, rmu_layer=null. Here save_every defaults to a tenth of the steps.\n"
-               + options_help())
+               "project=false, rmu_layer=null. Here save_every defaults to a tenth of the steps.")
+               + "\n" + options_help())
     add_model_args(p)
     p.add_argument("--forget", metavar="FILE", help="forget data (required here or in the config's run section)")
     p.add_argument("--retain", metavar="FILE", help="retain data: the retention loss and (stats=retain) the statistics")
