@@ -28,10 +28,11 @@ OPTIONS = {"steps": 4, "batch_size": 4, "lr": 1e-2, "max_grad_norm": None, "prog
 TOL = 1e-5
 
 
-def ragged_world():
+def ragged_world(steps: int = 250):
     """The tiny world with answers of different lengths, so that the two processes' shards hold
-    different numbers of tokens and a per-process mean would weight tokens unequally."""
-    model, tok, forget, retain = trained_world_model()
+    different numbers of tokens and a per-process mean would weight tokens unequally. (``steps=0``:
+    the untrained model, for callers that load the trained weights from a file.)"""
+    model, tok, forget, retain = trained_world_model(steps=steps)
     forget = [{**r, "answer": r["answer"] + " ." * (3 * i)} for i, r in enumerate(forget)]
     retain = [{**r, "answer": r["answer"] + " ." * (i % 5)} for i, r in enumerate(retain)]
     return model, tok, forget, retain
@@ -69,7 +70,7 @@ SCRIPT = textwrap.dedent(
         return fn
 
     def run(name, **extra):
-        model, tok, forget, retain = ragged_world()
+        model, tok, forget, retain = ragged_world(steps=0)
         model.load_state_dict(load_file(out + "/base.safetensors"))
         res = nsru.unlearn(model, tok, forget=forget, retain=retain, **{{**OPTIONS, **extra}}, eval_every=1,
                            eval_fn=first_grads(name))
