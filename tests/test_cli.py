@@ -224,6 +224,21 @@ def test_commands_end_to_end_in_process(world, tmp_path, capsys):
 
     paths = _flow(run, world, tmp_path)
     _check_flow(world, paths)
+    # the PEFT copy scores as the NSRU adapter does, and merges to the same model
+    run("eval", "--model", world["model"], "--adapter", paths["peft"], "--forget", world["forget"], "--out",
+        tmp_path / "peft_eval")
+    nsru_eval = json.loads((paths["run"] / "metrics.json").read_text())["eval"]
+    peft_eval = json.loads((tmp_path / "peft_eval" / "metrics.json").read_text())["eval"]
+    for key in ("forget_prob", "forget_truth_ratio"):
+        assert peft_eval[key] == pytest.approx(nsru_eval[key], rel=1e-4), key
+    run("merge", "--model", world["model"], "--adapter", paths["peft"], "--out", tmp_path / "merged_peft")
+    from safetensors.torch import load_file
+
+    a = load_file(str(paths["merged"] / "model.safetensors"))
+    b = load_file(str(tmp_path / "merged_peft" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
 @pytest.mark.slow
@@ -589,3 +604,28 @@ def test_datasets_folder_and_hub_names(tmp_path, monkeypatch):
         common.data_source("someorg/none:cfg@train", "--forget")
     with pytest.raises(common.UsageError, match=r"--retain ./x.json: no such file"):
         common.data_source("./x.json", "--retain")
+
+
+def test_a_failed_run_keeps_its_checkpointed_history(world, tmp_path, capsys):
+    """NaN at step 4: exit 1, one line; history.jsonl holds the checkpointed steps, log.txt says so."""
+    from nsru.methods import METHODS, nsru_loss, register_method
+
+    @register_method("nan-after-3-cli", project=True, needs_safe=True, needs_reference=True)
+    def _nan(ctx, batch):
+        out = nsru_loss(ctx, batch)
+        ctx.state["calls"] = ctx.state.get("calls", 0) + 1
+        if ctx.state["calls"] > 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    try:
+        rc, out, err = run_cli(capsys, "unlearn", "--model", world["model"], "--forget", world["forget"], "--retain",
+                               world["retain"], "--out", tmp_path / "run", "method=nan-after-3-cli", "steps=6",
+                               "batch_size=4", "save_every=2", "progress=false")
+    finally:
+        METHODS.pop("nan-after-3-cli", None)
+    last = err.strip().splitlines()[-1]
+    assert rc == 1 and last.startswith("nsru unlearn: error: NonFiniteLossError: non-finite loss at step 4")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the last good checkpoint's
+    assert "history.jsonl holds the 2 checkpointed steps, --resume continues" in (tmp_path / "run" / "log.txt").read_text()
