@@ -90,7 +90,9 @@ def run(args, overrides: dict) -> int:
             except ValueError as e:
                 raise UsageError(str(e)) from None
     out = writable_dir(args.out or ("nsru-demo-real" if real else "nsru-demo"))
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load drowned the results (52 of them)
     if real:
         from nsru.bench.real import run_real
 
