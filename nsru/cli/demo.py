@@ -92,16 +92,25 @@ def run(args, overrides: dict) -> int:
     out = writable_dir(args.out or ("nsru-demo-real" if real else "nsru-demo"))
     from transformers.utils import logging as hf_logging
 
+    shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load drowned the results (52 of them)
+    try:
+        _run(args, real, names, out)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    return 0
+
+
+def _run(args, real: bool, names, out) -> None:
     if real:
         from nsru.bench.real import run_real
 
         kwargs = {"seeds": args.seeds} if args.seeds is not None else {}
         run_real(out=out, names=names, steps=args.steps, lr=args.lr, batch_size=args.batch_size, cache=args.cache,
                  log=print, **kwargs)
-        return 0
+        return
     from nsru.bench.demo import METHODS, run_demo
 
     run_demo(out=out, seeds=args.seeds or 1, quick=args.quick, methods=tuple(names) if names else METHODS,
              cache=args.cache, steps=args.steps, lr=args.lr)
-    return 0
