@@ -390,3 +390,7 @@ def _check_shapes(folder: Path, entries: dict, tensors: dict, shapes: dict) -> N
             raise ValueError(
                 f"{folder / ADAPTER_WEIGHTS}: {name}.retain_basis is {got}; module {name!r} needs ({in_f}, k), k <= {in_f}"
             )
+    extra = sorted(set(tensors) - {f"{n}.{p}" for n in entries for p in ("lora_A", "lora_B", "retain_basis")})
+    if extra:
+        raise ValueError(f"{folder / ADAPTER_WEIGHTS}: {len(extra)} tensors that {ADAPTER_CONFIG} does not list "
+                         f"(e.g. {extra[0]!r}): the weights and the config are not of the same adapter")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,32 @@ def prompt_ids(tokenizer, text: str, template: bool = True) -> list[int]:
     return _ids(tokenizer, format_prompt(tokenizer, text) if template else text, add_special_tokens=not chat)
 
 
-def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = None) -> dict:
+TOO_LONG = ("cut", "warn", "error")
+
+
+def _too_long(policy: str, where: str | None, length: int, max_length: int, done: str) -> None:
+    """Apply the ``too_long`` policy to an example of ``length`` tokens (``done``: what cutting did)."""
+    if policy not in TOO_LONG:
+        raise ValueError(f"too_long must be one of {', '.join(TOO_LONG)}, got {policy!r}")
+    if policy == "cut":
+        return
+    message = f"{where or 'an example'} is {length} tokens, longer than max_length={max_length}"
+    if policy == "error":
+        raise DataError(f"{message}; raise max_length, shorten it, or let it be cut (too_long='warn')")
+    warnings.warn(f"{message}: {done}", stacklevel=3)
+
+
+def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = None, *, too_long: str = "cut",
+              where: str | None = None) -> dict:
     """Tokenise one question-answer pair for causal-LM training or scoring.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` as lists of ints; labels are
     ``-100`` on the prompt, the answer's ids (then eos, when the tokenizer has one) after it.
     The prompt and the answer are tokenised separately so the label boundary is exact. With
     ``max_length`` the answer is cut first (keeping at least one answer token), then the prompt
-    from the left.
+    from the left. ``too_long``: what else happens to a pair longer than that: ``"cut"`` (nothing),
+    ``"warn"`` (a warning naming ``where``, e.g. ``"forget.json: line 7"``, and what was cut) or
+    ``"error"`` (:class:`DataError`).
     """
     prompt_part = prompt_ids(tokenizer, question)
     answer_ids = _ids(tokenizer, _answer_text(tokenizer, answer), add_special_tokens=False)
@@ -86,10 +105,16 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = No
     if max_length is not None:
         if max_length < 2:
             raise DataError(f"max_length must be at least 2, got {max_length}")
+        sizes = (len(prompt_part), len(answer_ids))
         room = max(1, max_length - len(prompt_part))
         answer_ids = answer_ids[:room]
         keep = max_length - len(answer_ids)
         prompt_part = prompt_part[len(prompt_part) - keep:] if keep > 0 else []
+        if sum(sizes) > max_length:
+            cut = f"the answer was cut to {len(answer_ids)} of its {sizes[1]} tokens"
+            if len(prompt_part) < sizes[0]:
+                cut += f" and the question to its last {len(prompt_part)} of {sizes[0]}"
+            _too_long(too_long, where or f"question {question[:40]!r}", sum(sizes), max_length, cut)
     input_ids = prompt_part + answer_ids
     return {
         "input_ids": input_ids,
@@ -98,13 +123,17 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = No
     }
 
 
-def encode_text(tokenizer, text: str, max_length: int | None = None) -> dict:
-    """Tokenise a corpus document for language modelling: labels are the input ids."""
+def encode_text(tokenizer, text: str, max_length: int | None = None, *, too_long: str = "cut",
+                where: str | None = None) -> dict:
+    """Tokenise a corpus document for language modelling: labels are the input ids. ``too_long``
+    as in :func:`encode_qa` (a text is cut at its end)."""
     ids = _ids(tokenizer, text, add_special_tokens=True)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
-    if max_length is not None:
+    if max_length is not None and len(ids) > max_length:
+        _too_long(too_long, where or f"text {text[:40]!r}", len(ids), max_length,
+                  f"its last {len(ids) - max_length} tokens were cut")
         ids = ids[:max_length]
     if not ids:
         raise DataError(f"text {text[:40]!r} tokenises to nothing")
