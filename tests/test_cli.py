@@ -354,11 +354,13 @@ def _bad_files(world, tmp: Path) -> dict:
     run_key.write_text("run:\n  modle: x\nunlearn: {}\n")
     broken = tmp / "broken.yaml"
     broken.write_text("unlearn: [\n")
+    plain = tmp / "plain.json"
+    plain.write_text('{"question": "q ?", "answer": "a ."}\n')
     held = tmp / "held"
     held.mkdir()
     (held / "config.yaml").write_text("run: {}\n")
     return {"bad_row": bad_row, "bad_mc": bad_mc, "no_config": no_config, "sections": sections, "run_key": run_key,
-            "broken": broken, "held": held}
+            "broken": broken, "held": held, "plain": plain}
 
 
 REJECTED = [
@@ -428,6 +430,9 @@ BAD_INPUT = [
      r"no adapter_config.json there"),
     ("eval-bad-mc", lambda w, b, t: ["eval", "--model", w["model"], "--mc", b["bad_mc"]],
      r"bad_mc.jsonl: line 1: 'answer' must be the index of the right choice \(0-1\), got 7"),
+    ("eval-fq-needs-perturbed", lambda w, b, t: ["eval", "--model", w["model"], "--forget", b["plain"],
+                                                 "--retain-model", w["model"]],
+     r"forget quality \(--retain-model\) needs paraphrased_answer and perturbed_answer in every forget row"),
     ("eval-options", lambda w, b, t: ["eval", "--model", w["model"], "--forget", w["forget"], "lr=1"],
      r"unrecognized arguments: lr=1"),
     ("merge-out-not-empty", lambda w, b, t: ["merge", "--model", w["model"], "--adapter", b["held"], "--out", t],
@@ -598,9 +603,13 @@ def test_datasets_folder_and_hub_names(tmp_path, monkeypatch):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
                           "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "splits"))
     assert len(common.load_rows(str(tmp_path / "splits"), "--forget")) == 3  # train when there are several
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    def offline(name, config=None, split=None):
+        assert (name, config, split) == ("someorg/none", "cfg", "train")
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(common.UsageError, match=r"--forget someorg/none:cfg@train: not a local file, and the "
-                                                r"datasets hub could not load it"):
+                                                r"datasets hub could not load it: Couldn't reach"):
         common.data_source("someorg/none:cfg@train", "--forget")
     with pytest.raises(common.UsageError, match=r"--retain ./x.json: no such file"):
         common.data_source("./x.json", "--retain")

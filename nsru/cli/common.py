@@ -248,7 +248,7 @@ def data_source(spec: str, flag: str):
     if path.is_dir():
         import datasets
 
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):  # save_to_disk
             loaded = datasets.load_from_disk(str(path))
         else:
             loaded = datasets.load_dataset(str(path))

@@ -72,6 +72,9 @@ def run(args, overrides: dict) -> int:
             raise UsageError(f"the {name} set has text rows; the TOFU metrics need question/answer rows")
     if retain_model and sets["forget"] is None:
         raise UsageError("--retain-model is for forget quality: give --forget too")
+    if retain_model and not all(r.get("paraphrased_answer") and r.get("perturbed_answer") for r in sets["forget"]):
+        raise UsageError("forget quality (--retain-model) needs paraphrased_answer and perturbed_answer in every "
+                         "forget row (TOFU's *_perturbed splits have them)")
     hazard = load_mc(args.mc, "--mc") if args.mc else None
     benign = {name: load_mc(spec, f"--benign-mc {name}") for name, spec in named_files(args.benign_mc, "--benign-mc").items()}
     text = load_rows(args.text, "--text") if args.text else None
@@ -86,16 +89,13 @@ def run(args, overrides: dict) -> int:
     if adapter is not None:
         lm = _with_adapter(lm, *adapter)
     report, details = _evaluate(lm, tok, sets, general, hazard, benign, text, args)
-    if retain_model is not None and report.get("forget_tr_values_available"):
+    if retain_model is not None:
         from nsru import metrics as M
 
         ref, ref_tok = load_model(retain_model, dtype=pick("dtype"), device=pick("device"),
                                   trust_remote_code=bool(pick("trust_remote_code")))
         ref_tr = M.truth_ratio(ref, ref_tok, sets["forget"], batch_size=args.batch_size)["values"]
         report["forget_quality"] = M.forget_quality(details["forget_tr_values"], ref_tr)
-    elif retain_model is not None:
-        raise UsageError("forget quality needs paraphrased_answer and perturbed_answer in every forget row")
-    report.pop("forget_tr_values_available", None)
     if tasks:
         report["lm_eval"] = _lm_eval(lm, tok, tasks, args.batch_size)
     report["seconds"] = time.perf_counter() - started
@@ -140,7 +140,6 @@ def _evaluate(model, tok, sets, general, hazard, benign, text, args) -> tuple[di
         if "truth_ratio" in r:
             report["forget_truth_ratio"] = r["truth_ratio"]
             details["forget_tr_values"] = r["tr_values"]
-            report["forget_tr_values_available"] = True
         report["safe_rate"] = M.safe_rate(model, tok, sets["forget"], generations=r["generations"])["rate"]
         details["forget_generations"] = r["generations"]
     utility = {}

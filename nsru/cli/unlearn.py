@@ -74,18 +74,18 @@ def run(args, overrides: dict) -> int:
     explicit = {**file_unlearn, **overrides}
     cfg = build_config({**previous_unlearn, **file_unlearn}, overrides, args.config or "")
 
-    from nsru.methods import get_method
+    from nsru.unlearn import resolve_config
 
-    method = get_method(cfg.method)
+    resolved, method = resolve_config(None, cfg, {})  # the method's switches and loss weights filled in
     model = check_model_path(values.get("model"))
     check_dtype_device(values.get("dtype"), values.get("device"))
     if not values.get("forget"):
         raise UsageError("--forget is required (a JSON/JSONL file of question/answer or text rows, or a datasets name)")
     forget = load_rows(values["forget"], "--forget")
     retain = load_rows(values.get("retain"), "--retain")
-    project = cfg.project if cfg.project is not None else method.overrides.get("project", method.project)
+    project = resolved.project
     if retain is None:
-        if cfg.retain and method.needs_retain:
+        if resolved.retain and method.needs_retain:
             raise UsageError(f"method {cfg.method!r} has a retention term: give --retain FILE, or retain=false to "
                              "switch the term off")
         sources = cfg.stats if isinstance(cfg.stats, (list, tuple)) else [cfg.stats]
@@ -103,12 +103,9 @@ def run(args, overrides: dict) -> int:
             if key in explicit and not args.resume:
                 raise UsageError(f"--bases fixes the adapted modules (those of the subspace run); drop {key}=")
         bases = read_bases(values["bases"])
-        cfg = cfg.replace(target_modules=bases[0]["target_modules"], layers=bases[0]["layers"])
+        resolved = resolved.replace(target_modules=bases[0]["target_modules"], layers=bases[0]["layers"])
 
     run_dir = R.RunDir.open(out, resume=args.resume)
-    from nsru.unlearn import resolve_config
-
-    resolved, _ = resolve_config(None, cfg, {})
     save_every = resolved.save_every if "save_every" in explicit or previous_unlearn else max(
         1, resolved.steps // CHECKPOINTS_PER_RUN)
     resolved = resolved.replace(save_every=save_every, output_dir=str(run_dir / R.CHECKPOINTS), resume=args.resume)
@@ -127,7 +124,7 @@ def run(args, overrides: dict) -> int:
 
     started = time.perf_counter()
     try:
-        result = nsru.unlearn(lm, tok, forget, retain if retain is not None else None, config=call)
+        result = nsru.unlearn(lm, tok, forget, retain, config=call)
     except BaseException as e:
         kept = run_dir.history_from_checkpoint()
         if kept:
