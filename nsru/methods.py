@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nsru import objectives as obj
+from nsru.frozen_prefix import FrozenPrefix
 from nsru.layer import adapter_disabled
 
 ABLATIONS = ("safe", "suppress", "retain", "project")
@@ -45,6 +46,8 @@ class LossContext:
         self.config = config
         self.ref_model = ref_model
         self.weights = get_method(config.method).weights(config)
+        # Adapters above a frozen bottom: run that bottom once per sequence (nsru.frozen_prefix).
+        self.prefix = FrozenPrefix.find(model) if ref_model is None else None
         self.state: dict = {}
         self.counts: dict[str, dict[str, float]] | None = None
         self.counts_used = False  # whether a loss asked for denom() since the trainer last reset it
@@ -57,7 +60,11 @@ class LossContext:
         return self.counts[part][kind]
 
     def forward(self, batch: Mapping[str, torch.Tensor], **kwargs):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        run = self.prefix or self._full
+        return run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+
+    def _full(self, **inputs):
+        return self.model(**inputs)
 
     @contextmanager
     def _reference(self):
@@ -70,7 +77,8 @@ class LossContext:
     @torch.no_grad()
     def ref_forward(self, batch: Mapping[str, torch.Tensor], **kwargs):
         with self._reference() as ref:
-            return ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+            run = self.prefix if self.prefix is not None and ref is self.model else ref
+            return run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
 
 
 LossFn = Callable[[LossContext, dict], dict]
