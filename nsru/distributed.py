@@ -129,17 +129,24 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: nn.Module, keep_whole: Iterable[nn.Parameter] = ()) -> nn.Module:
+def shard_model(model: nn.Module, keep_whole: Iterable[nn.Parameter] | None = None,
+                device: torch.device | str | None = None) -> nn.Module:
     """Shard ``model``'s parameters across the processes with FSDP2 (``fully_shard``), one unit per
-    transformer block plus the root, except ``keep_whole`` (the adapter factors), which stay plain
-    tensors on every process.
+    transformer block plus the root, except ``keep_whole`` (default: every parameter that requires
+    grad, i.e. the adapter factors after :func:`nsru.apply_nsru`), which stay plain tensors on every
+    process.
 
     Each process then holds 1/world of the base weights at rest; a block's weights are gathered for
     its forward and again for its backward and freed after. The adapters are a few MB, so keeping
     them whole costs little and leaves everything that touches them unchanged: their gradients are
     all-reduced by the trainer, ``lora_A`` is projected in place, and adapter files are written
-    from them as they are. Returns ``model`` (sharded in place); a no-op for one process or a
-    model that is already sharded.
+    from them as they are. ``device``: where the shards go (default: this process's GPU, else the
+    CPU); the kept parameters move there too. Returns ``model`` (sharded in place); a no-op for one
+    process or a model that is already sharded.
+
+    :func:`nsru.unlearn` with ``fsdp=True`` shards before training. To run the statistics sharded
+    too, add the adapters and shard first: ``nsru.apply_nsru(model, ...)``, ``shard_model(model)``,
+    then ``nsru.unlearn(model, ..., fsdp=True)`` (it keeps the adapters it finds).
     """
     rank, world = dist_info()
     if world == 1 or is_sharded(model):
@@ -147,9 +154,15 @@ def shard_model(model: nn.Module, keep_whole: Iterable[nn.Parameter] = ()) -> nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    device = next(model.parameters()).device
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    keep = list(keep_whole) if keep_whole is not None else [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in keep:
+            p.data = p.data.to(device)
     mesh = init_device_mesh(device.type, (world,))
-    ignored = set(keep_whole)
+    ignored = set(keep)
     for block in blocks_of(model):
         fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)

@@ -79,6 +79,14 @@ SCRIPT = textwrap.dedent(
 
     run("ddp", output_dir=out + "/ckpt", save_every=2)
     model, _ = run("fsdp", fsdp=True)
+    def sharded_first():  # adapters added and the model sharded before nsru.unlearn: statistics run sharded too
+        model, tok, forget, retain = ragged_world(steps=0)
+        model.load_state_dict(load_file(out + "/base.safetensors"))
+        nsru.apply_nsru(model, r=8, alpha=16.0)
+        nsru.distributed.shard_model(model)
+        nsru.unlearn(model, tok, forget=forget, retain=retain, **OPTIONS, fsdp=True)
+        save_file(adapter(model), f"{{out}}/fsdp-early-{{rank}}.safetensors")
+    sharded_first()
     w = model.model.layers[0].self_attn.q_proj.base_layer.weight
     shard = {{"type": type(w).__name__, "local": list(w.to_local().shape), "full": list(w.shape),
               "lora_A": type(model.model.layers[0].self_attn.q_proj.lora_A).__name__}}
@@ -188,6 +196,8 @@ def test_fsdp_shards_the_base_weights_and_gives_the_one_process_adapter(two_proc
     assert _max_diff(r0, ref) < TOL
     g0, _ = _load(out, "fsdp-grad")
     assert _rel_err(g0, ref_grads) < TOL
+    early = _load(out, "fsdp-early")[0]  # sharded before the statistics
+    assert _max_diff(early, ref) < TOL
     shard = json.loads((out / "report-0.json").read_text())["shard"]
     assert shard["type"] == "DTensor" and shard["local"][0] * 2 == shard["full"][0]  # half the rows each
     assert shard["lora_A"] == "Parameter"  # the adapters stay whole
