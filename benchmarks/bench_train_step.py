@@ -39,6 +39,8 @@ def _steps(device: str):
 @pytest.mark.parametrize("impl", ["PEFT LoRA GradDiff", "NSRU"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_train_step(paired, device, impl):
+    if not cases.has_peft():
+        pytest.skip("peft is not installed (the baseline is a PEFT-LoRA step)")
     steps = {name: cases.synced(fn, device) for name, fn in _steps(device).items()}
     c = cases.training_config(device)
     paired(

@@ -78,9 +78,16 @@ def peft_lora(linear: nn.Linear, rank: int = RANK, alpha: int = ALPHA) -> nn.Mod
     return lora
 
 
+def has_peft() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
+
+
 def build_layers(shape: dict, device: str, bias: bool = False, seed: int = 0) -> dict[str, nn.Module]:
     """``nn.Linear`` (frozen: the floor), ``NSRULinear`` (retain basis of K/2 columns, a trained-looking
-    B) and PEFT LoRA over copies of one projection. Llama's projections have no bias."""
+    B) and PEFT LoRA (when ``peft`` is installed) over copies of one projection. Llama's projections
+    have no bias."""
     import nsru
 
     torch.manual_seed(seed)
@@ -90,7 +97,10 @@ def build_layers(shape: dict, device: str, bias: bool = False, seed: int = 0) ->
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)
     layer.set_retain_basis(torch.linalg.qr(torch.randn(k, k // 2, device=device))[0])
-    return {"nn.Linear": linear, "NSRULinear": layer, "PEFT LoRA": peft_lora(copy_linear(linear))}
+    layers = {"nn.Linear": linear, "NSRULinear": layer}
+    if has_peft():
+        layers["PEFT LoRA"] = peft_lora(copy_linear(linear))
+    return layers
 
 
 def layer_inputs(shape: dict, device: str, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

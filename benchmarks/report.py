@@ -49,13 +49,12 @@ def ratio_rows(benchmarks: Iterable[Mapping]) -> list[dict]:
                 "label": info.get("label", r["name"]),
                 "baseline": info.get("baseline_label"),
                 "median_s": median,
-                "rounds": r["stats"].get("rounds"),
                 "paired": info.get("paired_ratio"),
                 "of_medians": median / base_median if base_median else None,
                 "peak_bytes": peak,
-                "peak_ratio": peak / base_peak if peak is not None and base_peak else None,
+                # a ratio to less than 1 MiB says nothing
+                "peak_ratio": peak / base_peak if peak is not None and base_peak and base_peak >= 2**20 else None,
                 "target": info.get("target"),
-                "note": info.get("note", ""),
             }
             ratio = row["paired"] if row["paired"] is not None else row["of_medians"]
             row["met"] = None if row["target"] is None or ratio is None else ratio <= row["target"]
@@ -114,7 +113,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     for r in rows:
         peak = "–"
         if r["peak_bytes"] is not None:
-            peak = f"{r['peak_bytes'] / 2**20:.0f} MiB"
+            peak = f"{r['peak_bytes'] / 2**20:.1f} MiB"
             if r["peak_ratio"] is not None:
                 peak += f" ({r['peak_ratio']:.2f}×)"
         cells = [
