@@ -85,23 +85,27 @@ def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 def run_on_rank0(fn: Callable[[], object], error_type: type[Exception] = RuntimeError) -> None:
-    """Call ``fn()`` on rank 0 only (a check that touches the file system). When it raises
-    ``error_type``, every process raises it with the same message, so none is left waiting in a
-    collective the others never reach."""
+    """Call ``fn()`` on rank 0 only (a check or a write that touches the file system). When it
+    raises, every process raises too — ``error_type`` with the same message when rank 0's error is
+    one, else a ``RuntimeError`` naming it — so none is left waiting in a collective."""
     rank, world = dist_info()
-    message = None
+    if world == 1:
+        fn()
+        return
+    failure = None
     if rank == 0:
         try:
             fn()
-        except error_type as err:
-            if world == 1:
-                raise
-            message = str(err)
-    if world > 1:
-        box = [message]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise error_type(box[0])
+        except Exception as err:
+            failure = (isinstance(err, error_type), f"{type(err).__name__}: {err}", str(err))
+            box = [failure]
+            torch.distributed.broadcast_object_list(box, src=0)
+            raise
+    box = [failure]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        same, described, message = box[0]
+        raise error_type(message) if same else RuntimeError(f"rank 0 failed: {described}")
 
 
 def gather_strings(text: str) -> list[str]:

@@ -184,14 +184,15 @@ class Trainer:
             return
         module = self._locate_nonfinite(batch)  # every process runs it: its forwards may be collective
         what = ", ".join(f"{k} = {float(terms[k].detach()):g}" for k in bad) if bad else "on another process"
-        self._stop("loss", what, "; ".join(m for m in gather_strings(module if bad else "") if m) or module)
+        found = [m for m in dict.fromkeys(gather_strings(module if bad else "")) if m]
+        self._stop("loss", what, "; ".join(found) or module)
 
     @torch.no_grad()
     def _locate_nonfinite(self, batch: Mapping[str, dict]) -> str:
         """Where a NaN/Inf comes from: a trainable parameter, else the first module whose output
         is non-finite when the batch's parts run again (the policy, then the reference), else the
         loss itself."""
-        for name, p in self.params.items():
+        for name, p in self.params.items():  # identical on every process, so all return here together
             if not bool(torch.isfinite(p).all()):
                 return f"in parameter {name!r} (module {name.rsplit('.', 1)[0]!r})"
         found: list[str] = []

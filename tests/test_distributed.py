@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
     import dataclasses, json, os, sys, torch
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
-    import nsru, nsru.train
+    import nsru, nsru.checkpoint, nsru.train
     from nsru.methods import METHODS
     from safetensors.torch import load_file, save_file
     from test_distributed import OPTIONS, ragged_world
@@ -99,8 +99,14 @@ SCRIPT = textwrap.dedent(
             ctx.counts = counts
     METHODS["nsru"] = dataclasses.replace(METHODS["nsru"], loss=local_mean_loss)
     run("local")
+    open(out + "/a-file", "w").close()
+    try:  # rank 0 checks the folder; every rank must fail with its message, none may hang
+        run("unwritable", output_dir=out + "/a-file/out")
+        refused = None
+    except nsru.checkpoint.OutputDirError as err:
+        refused = str(err)
     with open(f"{{out}}/report-{{rank}}.json", "w") as f:
-        json.dump({{"writes": writes, "shard": shard}}, f)
+        json.dump({{"writes": writes, "shard": shard, "refused": refused}}, f)
     """
 )
 
@@ -177,6 +183,7 @@ def test_two_processes_give_the_one_process_adapter(two_processes, one_process):
     assert _max_diff(r0, ref) < TOL
     reports = [json.loads((out / f"report-{r}.json").read_text()) for r in (0, 1)]
     assert reports[0]["writes"] == [0, 0] and reports[1]["writes"] == []  # checkpoints 2 and 4, by rank 0
+    assert reports[0]["refused"] == reports[1]["refused"] and "a-file/out is not writable" in reports[1]["refused"]
     assert latest_checkpoint(out / "ckpt").name == "checkpoint-4"
 
 
