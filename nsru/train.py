@@ -51,6 +51,7 @@ from nsru.distributed import (
     barrier,
     dist_info,
     gather_strings,
+    is_sharded,
     run_on_rank0,
     shard_model,
 )
@@ -116,6 +117,10 @@ class Trainer:
             run_on_rank0(lambda: check_output_dir(self.output_dir, self._checkpoint_room()), OutputDirError)
         if getattr(config, "fsdp", False):
             shard_model(model, keep_whole=self.params.values())
+        if is_sharded(model) and getattr(ctx, "prefix", None) is not None:
+            # The frozen-prefix cache calls the embeddings and lower blocks outside the root's
+            # forward, where FSDP has not gathered them; run whole forwards instead.
+            ctx.prefix = None
         self.device = next(iter(self.params.values())).device
         decay, no_decay = [], []
         for name, p in self.params.items():

@@ -79,6 +79,7 @@ SCRIPT = textwrap.dedent(
 
     run("ddp", output_dir=out + "/ckpt", save_every=2)
     model, _ = run("fsdp", fsdp=True)
+    run("fsdp-band", fsdp=True, layers="1")  # adapters in the top block only: a frozen bottom
     def sharded_first():  # adapters added and the model sharded before nsru.unlearn: statistics run sharded too
         model, tok, forget, retain = ragged_world(steps=0)
         model.load_state_dict(load_file(out + "/base.safetensors"))
@@ -205,6 +206,8 @@ def test_fsdp_shards_the_base_weights_and_gives_the_one_process_adapter(two_proc
     assert _rel_err(g0, ref_grads) < TOL
     early = _load(out, "fsdp-early")[0]  # sharded before the statistics
     assert _max_diff(early, ref) < TOL
+    band, _ = _one_process(out, layers="1")  # one process caches the frozen block's outputs; FSDP runs it
+    assert _max_diff(_load(out, "fsdp-band")[0], band) < TOL
     shard = json.loads((out / "report-0.json").read_text())["shard"]
     assert shard["type"] == "DTensor" and shard["local"][0] * 2 == shard["full"][0]  # half the rows each
     assert shard["lora_A"] == "Parameter"  # the adapters stay whole
