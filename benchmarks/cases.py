@@ -86,20 +86,21 @@ def has_peft() -> bool:
 
 def build_layers(shape: dict, device: str, bias: bool = False, seed: int = 0) -> dict[str, nn.Module]:
     """``nn.Linear`` (frozen: the floor), ``NSRULinear`` (retain basis of K/2 columns, a trained-looking
-    B) and PEFT LoRA (when ``peft`` is installed) over copies of one projection. Llama's projections
-    have no bias."""
+    B) and PEFT LoRA (when ``peft`` is installed), all three around the *same* frozen projection, so
+    that each reads the weight from the same memory as the baseline timed before it. Llama's
+    projections have no bias."""
     import nsru
 
     torch.manual_seed(seed)
     k, n = shape["in_features"], shape["out_features"]
     linear = nn.Linear(k, n, bias=bias, device=device, dtype=shape["dtype"]).requires_grad_(False)
-    layer = nsru.NSRULinear.from_linear(copy_linear(linear), r=RANK, alpha=ALPHA)
+    layer = nsru.NSRULinear.from_linear(linear, r=RANK, alpha=ALPHA)
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)
     layer.set_retain_basis(torch.linalg.qr(torch.randn(k, k // 2, device=device))[0])
     layers = {"nn.Linear": linear, "NSRULinear": layer}
     if has_peft():
-        layers["PEFT LoRA"] = peft_lora(copy_linear(linear))
+        layers["PEFT LoRA"] = peft_lora(linear)
     return layers
 
 
