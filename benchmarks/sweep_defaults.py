@@ -63,6 +63,15 @@ CONFIGS: list[tuple[str, dict]] = [
     ("suppress weight 0 (no NPO)", {"suppress_weight": 0.0}),
     ("retain weight 1", {"retain_weight": 1.0}),
     ("init forget", {"init": "forget"}),
+    # where the statistics come from (issue 10) and the subspace rules beside τ
+    ("stats retain+self", {"stats": ["retain", "self"]}),
+    ("stats retain+self, τ 0.95", {"stats": ["retain", "self"], "subspace": "energy=0.95"}),
+    ("stats self", {"stats": "self"}),
+    ("tail 1e-2", {"subspace": "tail=1e-2"}),
+    ("tail 1e-3", {"subspace": "tail=1e-3"}),
+    ("mean 0.1", {"subspace": "mean=0.1"}),
+    ("stats retain+self, tail 1e-2", {"stats": ["retain", "self"], "subspace": "tail=1e-2"}),
+    ("τ 0.99, min_null 16", {"subspace": "energy=0.99,min_null=16"}),
 ]
 
 QUICK = {CONFIGS[0][0], "plain LoRA (project off)", "τ 0.99", "init forget"}

@@ -73,6 +73,7 @@ class UnlearnConfig:
 
     # --- data
     max_length: int = 256
+    too_long: str = "cut"  # an example longer than max_length: cut | warn (cut, naming it) | error
     batch_size: int = 8  # global batch: per-process batch = batch_size / world size
     grad_accum: int = 1
 
@@ -151,6 +152,7 @@ class UnlearnConfig:
         need(self.beta > 0 and self.simnpo_beta > 0, "beta and simnpo_beta must be positive")
         need(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")
         need(self.max_length >= 1, f"max_length must be at least 1, got {self.max_length!r}")
+        need(self.too_long in ("cut", "warn", "error"), f"too_long must be cut, warn or error, got {self.too_long!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
              f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)!r}")
@@ -315,7 +317,8 @@ HELP = {
     "layers": "adapt only these transformer blocks: '10-19', '3,5,7' or a list (null: all)",
     "templates": "safe-target templates: a list of strings with {subject}, or a file of them (null: built-in refusals)",
     "name_subject": "whether safe targets name the question's subject",
-    "max_length": "longest tokenised example; longer ones are cut",
+    "max_length": "longest tokenised example; longer ones are handled as too_long says",
+    "too_long": "an example longer than max_length: cut (silently), warn (cut, naming the row) or error",
     "batch_size": "global batch size (each of N processes takes batch_size / N)",
     "grad_accum": "micro-batches per optimizer step",
     "lr": "learning rate of the adapter factors (or of every parameter with finetune=full)",

@@ -86,20 +86,23 @@ def _encode_forget(rows, tokenizer, cfg, method: Method) -> list[dict]:
     targets = SafeTargets(cfg.templates, seed=cfg.seed, name_subject=cfg.name_subject).all(rows) if wants_safe else None
     out = []
     for i, row in enumerate(rows):
+        limits = {"max_length": cfg.max_length, "too_long": cfg.too_long, "where": f"forget row {i}"}
         if qa:
-            ex = {"forget": encode_qa(tokenizer, row["question"], row["answer"], cfg.max_length)}
+            ex = {"forget": encode_qa(tokenizer, row["question"], row["answer"], **limits)}
             if targets is not None:
-                ex["safe"] = encode_qa(tokenizer, row["question"], targets[i], cfg.max_length)
+                ex["safe"] = encode_qa(tokenizer, row["question"], targets[i], **limits)
         else:
-            ex = {"forget": encode_text(tokenizer, row["text"], cfg.max_length)}
+            ex = {"forget": encode_text(tokenizer, row["text"], **limits)}
         out.append(ex)
     return out
 
 
 def _encode_retain(rows, tokenizer, cfg) -> list[dict]:
+    limits = {"max_length": cfg.max_length, "too_long": cfg.too_long}
     if is_qa(rows):
-        return [{"retain": encode_qa(tokenizer, r["question"], r["answer"], cfg.max_length)} for r in rows]
-    return [{"retain": encode_text(tokenizer, r["text"], cfg.max_length)} for r in rows]
+        return [{"retain": encode_qa(tokenizer, r["question"], r["answer"], where=f"retain row {i}", **limits)}
+                for i, r in enumerate(rows)]
+    return [{"retain": encode_text(tokenizer, r["text"], where=f"retain row {i}", **limits)} for i, r in enumerate(rows)]
 
 
 def _stat_batches(encodings: Sequence[dict], pad_id: int, device, chunk: int = 16):
@@ -210,6 +213,7 @@ def unlearn(
                 raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
                                          "check the model's activations on the statistics data")
         subspaces = retain_subspaces(moments, cfg.subspace_rule)
+        del moments  # d² floats per module group: not kept through training
         set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
         leaks = {"leakage": stat_batches}
         if retain_ex is not None and cfg.stats != "retain":

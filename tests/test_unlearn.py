@@ -200,3 +200,16 @@ def test_method_defaults_fill_only_unset_options():
     assert (cfg.suppress_weight, cfg.retain_weight, cfg.project) == (1.0, 1.0, False)
     cfg, _ = resolve_config(None, {"method": "nsru-no-project"}, {})
     assert cfg.project is False and cfg.method == "nsru-no-project"
+
+
+def test_forget_items_longer_than_the_context_follow_too_long():
+    model, tok, forget, retain = trained_world_model()
+    long_row = {**forget[0], "answer": " ".join([forget[0]["answer"]] * 20)}
+    with pytest.raises(DataError, match="forget row 0"):
+        nsru.unlearn(model, tok, forget=[long_row] + forget[1:], retain=retain, max_length=24, too_long="error")
+    assert not nsru.nsru_modules(model)
+    with pytest.warns(UserWarning, match="forget row 0"):
+        nsru.unlearn(model, tok, forget=[long_row] + forget[1:], retain=retain, max_length=24, too_long="warn",
+                     steps=1, batch_size=4, progress=False)
+    with pytest.raises(ConfigError, match="too_long must be cut, warn or error"):
+        UnlearnConfig(too_long="drop")
