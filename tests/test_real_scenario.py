@@ -61,7 +61,8 @@ def test_scenario_keeps_what_the_model_knows_and_scores_it_consistently():
 def test_comparison_writes_results_table_and_plot(tmp_path):
     facts = _facts()
     res = real.run_real(tmp_path, seeds=1, names=["nsru[retain]", "lora (nsru-no-project)"], steps=20, lr=1e-2,
-                        batch_size=4, facts=facts, load=lambda: trained_world_model()[:2], log=lambda *a: None)
+                        batch_size=4, options={"layers": "1"}, facts=facts, load=lambda: trained_world_model()[:2],
+                        log=lambda *a: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["models"]) == {"before", "nsru[retain]", "lora (nsru-no-project)"}
     nsru_row = saved["models"]["nsru[retain]"]

@@ -41,10 +41,12 @@ KEYS = ("forget_acc", "safe_rate", "neighbour_acc", "general_acc", "ppl_ratio", 
         "leakage_general", "seconds")
 
 # Budget every method gets (measured on 2 CPU cores: see README "Real model").
-STEPS = 30
+STEPS = 20
 BATCH_SIZE = 4
-LR = 3e-3
-LAYERS = None  # all layers
+LR = 1e-2
+LAYERS = "20-29"  # the top third: with frozen-prefix caching each forward costs a third
+SELF_SAMPLES = 128
+HELD_OUT = 48  # neighbour and general candidates scored (of 96 and 80)
 
 
 def load_facts(path: str | Path | None = None) -> dict:
@@ -79,17 +81,24 @@ class Scenario:
     counts: dict = field(default_factory=dict)
 
 
-def build_scenario(model, tokenizer, facts: dict, progress: bool = False) -> Scenario:
+def build_scenario(model, tokenizer, facts: dict, held_out: int | None = HELD_OUT, progress: bool = False) -> Scenario:
     """Split the facts and keep the multiple-choice items the model answers right before unlearning.
 
     A forget fact is kept when the model knows it under its question or its paraphrase (the forget
-    data are the kept facts' question-answer rows)."""
+    data are the kept facts' question-answer rows). ``held_out``: at most this many neighbour and
+    this many general candidates, an evenly spaced selection (scoring is most of a run's time on a
+    CPU); ``None`` keeps all."""
     by_group = {g: [(e["name"], f) for e in facts["entities"] if e["group"] == g for f in e["facts"]] for g in GROUPS}
     candidates = {
         "forget": [p for _, f in by_group["forget"] for p in _probes(f, True)],
         "neighbour": [p for _, f in by_group["neighbour"] for p in _probes(f, False)],
         "general": [p for f in facts["general"] for p in _probes(f, False)],
     }
+    if held_out is not None:
+        for name in ("neighbour", "general"):
+            rows = candidates[name]
+            if len(rows) > held_out:
+                candidates[name] = [rows[i * len(rows) // held_out] for i in range(held_out)]
     known = {name: [p for p, ok in zip(rows, M.cloze_accuracy(model, tokenizer, rows, progress=progress)["values"]) if ok]
              for name, rows in candidates.items()}
     known_questions = {p["question"] for p in known["forget"]}
@@ -149,15 +158,16 @@ def variants(stats_corpus: Path) -> dict[str, dict]:
     """Every method of the comparison as ``nsru.unlearn`` options: NSRU with each statistics source,
     plain LoRA with NSRU's losses, and the baselines."""
     return {
-        "nsru[retain]": {"method": "nsru", "stats": "retain"},
         "nsru[retain+self]": {"method": "nsru", "stats": ["retain", "self"]},
-        "nsru[retain+corpus]": {"method": "nsru", "stats": ["retain", str(stats_corpus)]},
         "lora (nsru-no-project)": {"method": "nsru-no-project"},
+        "nsru[retain]": {"method": "nsru", "stats": "retain"},
         "graddiff": {"method": "graddiff"},
         "npo": {"method": "npo"},
-        "simnpo": {"method": "simnpo"},
         "idkdpo": {"method": "idkdpo"},
-        "rmu": {"method": "rmu"},
+        "simnpo": {"method": "simnpo"},
+        "rmu": {"method": "rmu", "layers": None},  # its own three MLPs at 7/32 of the depth
+        "nsru[self]": {"method": "nsru", "stats": "self"},
+        "nsru[retain+corpus]": {"method": "nsru", "stats": ["retain", str(stats_corpus)]},
     }
 
 
@@ -191,25 +201,29 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
     before["seconds"] = 0.0
     log(f"before: {_line(before)}")
     budget = {"steps": steps or STEPS, "lr": lr or LR, "batch_size": batch_size or BATCH_SIZE, "layers": LAYERS,
-              "max_length": 128, "progress": False, **(options or {})}
+              "max_length": 128, "self_samples": SELF_SAMPLES, "progress": False, **(options or {})}
     per_seed: dict[str, list[dict]] = {"before": [before]}
-    for seed in range(seeds):
-        for name in names:
+    runs = out / "runs.jsonl"  # one line per finished run, so an interrupted comparison keeps what it measured
+    runs.write_text(json.dumps({"name": "before", "seed": None, **before}) + "\n")
+    for name in names:  # every seed of a method before the next method: a cut-short run keeps whole rows
+        for seed in range(seeds):
             model, tok = load()
             t = time.perf_counter()
-            result = unlearn(model, tok, sc.forget, sc.retain, seed=seed, **table_of[name], **budget)
+            result = unlearn(model, tok, sc.forget, sc.retain, seed=seed, **{**budget, **table_of[name]})
             seconds = time.perf_counter() - t
             rep = evaluate(model, tok, sc, before_ppl=before["ppl"])
             rep["seconds"] = seconds
             rep["mean_k"] = result.summary()["mean_k"]
             per_seed.setdefault(name, []).append(rep)
+            with runs.open("a") as f:
+                f.write(json.dumps({"name": name, "seed": seed, **rep}) + "\n")
             log(f"seed {seed} {name:24s} {_line(rep)}")
     models = {name: _aggregate(reps) for name, reps in per_seed.items()}
     results = {
         "models": models,
         "per_seed": per_seed,
         "scenario": sc.counts,
-        "config": {"seeds": seeds, **{k: v for k, v in budget.items() if k != "progress"}},
+        "config": {"seeds": seeds, "held_out": HELD_OUT, **{k: v for k, v in budget.items() if k != "progress"}},
         "seconds": time.perf_counter() - started,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
