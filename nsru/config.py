@@ -29,6 +29,19 @@ class ConfigError(ValueError):
     """An option that does not exist or has an unusable value."""
 
 
+def read_yaml_mapping(file: Path) -> dict:
+    """The mapping a YAML file holds (empty for an empty file); a clear error for anything else."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
 @dataclass
 class UnlearnConfig:
     # --- method and its switches (DESIGN §1; the ablations turn one part off)
@@ -190,15 +203,8 @@ class UnlearnConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> UnlearnConfig:
-        import yaml
-
         file = Path(path)
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{file}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a mapping of option names to values")
+        data = read_yaml_mapping(file)
         data = data.get("unlearn", data)
         try:
             return cls.from_dict(data, **overrides)

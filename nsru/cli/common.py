@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nsru.config import HELP, ConfigError, UnlearnConfig
+from nsru.config import HELP, ConfigError, UnlearnConfig, read_yaml_mapping
 
 
 class UsageError(Exception):
@@ -76,17 +76,13 @@ def read_config_file(path: str | os.PathLike | None) -> tuple[dict, dict]:
     """``(run, unlearn)`` sections of a YAML config; a file without sections is all ``unlearn``."""
     if path is None:
         return {}, {}
-    import yaml
-
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"--config {file}: no such file")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"{file}: invalid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{file}: expected a mapping of option names to values, got {type(data).__name__}")
+        data = read_yaml_mapping(file)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     if not any(k in SECTIONS for k in data):
         return {}, data
     unknown = [k for k in data if k not in SECTIONS]
