@@ -11,8 +11,9 @@ broader data:
   names a forget subject dropped;
 * a corpus: a JSON/JSONL path, a list of rows or a ``datasets.Dataset`` of text or question-answer
   rows (disjoint from what you evaluate on);
-* a list of these, combined. ``stats_tokens`` bounds the tokens of all of them together, shared
-  equally between the sources.
+* a list of these, combined: each source's mean second moment counts equally, whatever its size
+  (a large retain set would otherwise drown the rest). ``stats_tokens`` bounds the tokens of all
+  of them together, shared equally between the sources.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from nsru.cache import cache_dir
 from nsru.data import encode_qa, encode_text, has_chat_template, is_qa, load_rows, pad_encodings, pad_token_id, prompt_ids
 from nsru.layer import model_device
+from nsru.subspace import SecondMoments, collect_second_moments
 
 GENERIC_PROMPTS: tuple[str, ...] = (
     "Write a short paragraph about the ocean.",
@@ -210,15 +212,14 @@ def stats_encodings(
     self_max_new_tokens: int = 64,
     seed: int = 0,
     cache: str | Path | None = None,
-) -> tuple[list[dict], dict]:
-    """The encodings the retain statistics are collected from, and a report per source
-    (``{name: {"rows", "tokens"}}``); see the module docstring for ``spec``."""
+) -> dict[str, list[dict]]:
+    """The encodings of each source of the retain statistics, by source name; see the module
+    docstring for ``spec``."""
     sources = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     if not sources:
         raise ValueError("stats: give at least one source ('retain', 'self', a corpus, or a list of them)")
     share = None if tokens is None else max(1, tokens // len(sources))
-    out: list[dict] = []
-    report: dict[str, dict] = {}
+    out: dict[str, list[dict]] = {}
     for i, source in enumerate(sources):
         if isinstance(source, str) and source == "retain":
             if retain_rows is None:
@@ -233,7 +234,27 @@ def stats_encodings(
         else:
             name = f"corpus{i}" if not isinstance(source, (str, Path)) else str(source)
             rows = load_rows(source, f"stats source {name}")
-        encodings = _budget(encode_rows(rows, tokenizer, max_length), share)
-        report[name] = {"rows": len(encodings), "tokens": sum(len(e["input_ids"]) for e in encodings)}
-        out.extend(encodings)
-    return out, report
+        out[name] = _budget(encode_rows(rows, tokenizer, max_length), share)
+    return out
+
+
+def describe(sources: Mapping[str, list[dict]]) -> dict[str, dict]:
+    """``{source: {"rows", "tokens"}}`` of :func:`stats_encodings`' result, for reports."""
+    return {name: {"rows": len(enc), "tokens": sum(len(e["input_ids"]) for e in enc)} for name, enc in sources.items()}
+
+
+def collect_statistics(model: nn.Module, sources: Mapping[str, list[dict]], batches) -> tuple[SecondMoments, list]:
+    """The retain statistics of ``sources`` (each source's mean second moment weighing equally),
+    summed over the processes, and every source's batches (``batches(encodings)`` makes them)."""
+    combined: SecondMoments | None = None
+    everything: list = []
+    for encodings in sources.values():
+        source_batches = batches(encodings)
+        moments = collect_second_moments(model, source_batches, progress=False).all_reduce().normalize_()
+        combined = moments if combined is None else combined.add_(moments)
+        everything.extend(source_batches)
+    for name in combined.names():
+        if not torch.isfinite(combined[name]).all():
+            raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
+                                     "check the model's activations on the statistics data")
+    return combined, everything

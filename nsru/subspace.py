@@ -56,6 +56,14 @@ class SecondMoments:
         all_reduce_sum_([*self.sums.values(), *self.tokens.values()], group=group)
         return self
 
+    def normalize_(self) -> SecondMoments:
+        """Turn the sums into means (``C``) counted as one token each, so that adding several
+        normalised collections weighs each equally whatever its size."""
+        for key in self.sums:
+            self.sums[key] /= max(float(self.tokens[key]), 1.0)
+            self.tokens[key].fill_(1.0)
+        return self
+
     def add_(self, other: SecondMoments) -> SecondMoments:
         """Add another collection's statistics (the same modules) into this one, e.g. new retain data."""
         if other.groups != self.groups:

@@ -29,7 +29,7 @@ from nsru.distributed import all_reduce_mean_, dist_info, init_distributed_from_
 from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
-from nsru.stats_sources import stats_encodings
+from nsru.stats_sources import collect_statistics, describe, stats_encodings
 from nsru.sampler import Stream
 from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
 from nsru.train import Trainer
@@ -42,6 +42,7 @@ class UnlearnResult:
     bases_info: dict[str, dict]
     config: UnlearnConfig
     init_info: dict[str, dict] = field(default_factory=dict)
+    stats_info: dict[str, dict] = field(default_factory=dict)  # rows and tokens of each statistics source
     method_state: dict = field(default_factory=dict)
     checkpoint: Path | None = None
     seconds: float = 0.0
@@ -202,16 +203,12 @@ def unlearn(
     bases_info: dict[str, dict] = {}
     stats_report: dict = {}
     if adapters and cfg.project:
-        stats_ex, stats_report = stats_encodings(
+        sources = stats_encodings(
             cfg.stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
             max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
             self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed)
-        stat_batches = _stat_batches(stats_ex, pad_id, device)
-        moments = collect_second_moments(model, stat_batches, progress=False).all_reduce()
-        for name in moments.names():
-            if not torch.isfinite(moments[name]).all():
-                raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
-                                         "check the model's activations on the statistics data")
+        stats_report = describe(sources)
+        moments, stat_batches = collect_statistics(model, sources, lambda enc: _stat_batches(enc, pad_id, device))
         subspaces = retain_subspaces(moments, cfg.subspace_rule)
         del moments  # d² floats per module group: not kept through training
         set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
@@ -254,6 +251,7 @@ def unlearn(
         bases_info=bases_info,
         config=cfg,
         init_info=init_info,
+        stats_info=stats_report,
         method_state={k: v for k, v in ctx.state.items()},
         checkpoint=trainer.last_checkpoint,
         seconds=time.perf_counter() - started,

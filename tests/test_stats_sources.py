@@ -8,7 +8,7 @@ import torch
 
 import nsru
 from nsru.config import ConfigError
-from nsru.stats_sources import sample_self, stats_encodings, subjects_of
+from nsru.stats_sources import collect_statistics, describe, sample_self, stats_encodings, subjects_of
 from tinylm import one_thread, trained_world_model
 
 
@@ -47,13 +47,12 @@ def test_sources_combine_under_a_token_budget(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"Oslo Lima Rome {i} ."}) for i in range(40)))
     kw = dict(model=model, tokenizer=tok, retain_rows=retain, forget_rows=forget)
-    enc, report = stats_encodings("retain", **kw)
-    assert len(enc) == len(retain) and report == {"retain": {"rows": len(retain), "tokens": report["retain"]["tokens"]}}
-    enc, report = stats_encodings(["retain", str(corpus)], tokens=60, **kw)
+    sources = stats_encodings("retain", **kw)
+    assert list(sources) == ["retain"] and len(sources["retain"]) == len(retain)
+    report = describe(stats_encodings(["retain", str(corpus)], tokens=60, **kw))
     assert set(report) == {"retain", str(corpus)}
     for part in report.values():  # each source gets half the budget (the last row may run over)
         assert 30 <= part["tokens"] < 30 + 20
-    assert len(enc) == sum(p["rows"] for p in report.values())
     with pytest.raises(ValueError, match="no retain data"):
         stats_encodings("retain", model=model, tokenizer=tok, retain_rows=None, forget_rows=forget)
 
@@ -98,3 +97,30 @@ def test_layer_band_limits_the_adapters():
     model, tok, forget, retain = trained_world_model()
     result = nsru.unlearn(model, tok, forget=forget, retain=retain, layers=[0], steps=1, batch_size=4, progress=False)
     assert result.bases_info and all(".layers.0." in n for n in result.bases_info)
+
+
+def test_each_source_weighs_equally_whatever_its_size():
+    """Two sources' statistic is the mean of their own means: a source repeated ten times (ten times
+    the tokens) gets the same statistic as once, and the one-source statistic is that source's mean."""
+    from nsru.data import pad_encodings, pad_token_id
+
+    model, tok, forget, retain = trained_world_model()
+    nsru.apply_nsru(model, r=2)
+    pad = pad_token_id(tok)
+
+    def batches(encodings):
+        return [{k: v for k, v in pad_encodings(encodings[i:i + 8], pad).items() if k != "labels"}
+                for i in range(0, len(encodings), 8)]
+
+    kw = dict(model=model, tokenizer=tok, forget_rows=forget)
+    one, _ = collect_statistics(model, stats_encodings("retain", retain_rows=retain, **kw), batches)
+    plain = nsru.collect_second_moments(model, batches(stats_encodings("retain", retain_rows=retain, **kw)["retain"]),
+                                        progress=False)
+    forget_only = nsru.collect_second_moments(model, batches(stats_encodings("retain", retain_rows=forget, **kw)["retain"]),
+                                              progress=False)
+    sources = {"retain": stats_encodings("retain", retain_rows=retain, **kw)["retain"],
+               "forget x10": stats_encodings("retain", retain_rows=forget * 10, **kw)["retain"]}
+    mixed, _ = collect_statistics(model, sources, batches)
+    for name in plain.names():
+        torch.testing.assert_close(one[name], plain[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(mixed[name], (plain[name] + forget_only[name]) / 2, rtol=1e-4, atol=1e-6)

@@ -2,8 +2,8 @@
 
 Writes to ``--out``: ``bases.safetensors`` (the retain basis U, in × k, of every group of modules
 that read the same tensor, under the group's first module name),
-``moments.safetensors`` (the input second-moment sums and token counts they came from, one per
-group of modules that read the same tensor), ``subspace.json`` (modules, groups, rule, data) and
+``moments.safetensors`` (the input second moments they came from, one per group of modules that
+read the same tensor, as a sum and a count: each statistics source's mean counts once), ``subspace.json`` (modules, groups, rule, data) and
 ``basis_report.json`` (k and leakage per module). ``nsru unlearn --bases OUT`` trains on these
 bases instead of collecting the statistics again.
 """
@@ -91,35 +91,27 @@ def compute_and_save(model, tokenizer, cfg, retain, forget, out: Path, model_nam
 
     from nsru.adapt import apply_nsru
     from nsru.atomic import atomic_write
-    from nsru.data import encode_qa, encode_text, is_qa, pad_token_id
+    from nsru.data import pad_token_id
     from nsru.layer import model_device
-    from nsru.stats_sources import stats_encodings
-    from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
+    from nsru.stats_sources import collect_statistics, describe, encode_rows, stats_encodings
+    from nsru.subspace import leakage, retain_subspaces, set_retain_bases
 
     layers = apply_nsru(model, target_modules=cfg.target_modules, r=1, alpha=1.0, layers=cfg.layers)
     device, pad = model_device(model), pad_token_id(tokenizer)
-    encodings, sources = stats_encodings(
+    encoded = stats_encodings(
         cfg.stats, model=model, tokenizer=tokenizer, retain_rows=retain, forget_rows=forget or [],
         max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
         self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed)
-    batches = _batches(encodings, pad, device)
-    moments = collect_second_moments(model, batches, progress=cfg.progress)
-    for name in moments.names():
-        if not torch.isfinite(moments[name]).all():
-            raise FloatingPointError(f"the statistics of module {name!r} contain NaN/Inf")
+    sources = describe(encoded)
+    moments, batches = collect_statistics(model, encoded, lambda enc: _batches(enc, pad, device))
     subspaces = retain_subspaces(moments, cfg.subspace_rule)
     set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
 
-    def encode(rows):
-        if is_qa(rows):
-            return [encode_qa(tokenizer, r["question"], r["answer"], cfg.max_length) for r in rows]
-        return [encode_text(tokenizer, r["text"], cfg.max_length) for r in rows]
-
     leaks = {"leakage": leakage(model, batches, progress=False)}
     if retain is not None and sources.keys() != {"retain"}:
-        leaks["leakage_retain"] = leakage(model, _batches(encode(retain), pad, device), progress=False)
+        leaks["leakage_retain"] = leakage(model, _batches(encode_rows(retain, tokenizer, cfg.max_length), pad, device), progress=False)
     if forget is not None:
-        leaks["leakage_forget"] = leakage(model, _batches(encode(forget), pad, device), progress=False)
+        leaks["leakage_forget"] = leakage(model, _batches(encode_rows(forget, tokenizer, cfg.max_length), pad, device), progress=False)
     modules = {name: {"k": layer.k, "in_features": layer.in_features, "capped": subspaces[name].capped,
                       **{key: values[name] for key, values in leaks.items()}} for name, layer in layers.items()}
     report = {"rule": cfg.subspace, "stats": sources, **summarize(modules), "modules": modules}
