@@ -48,6 +48,7 @@ class LossContext:
         self.weights = get_method(config.method).weights(config)
         # Adapters above a frozen bottom: run that bottom once per sequence (nsru.frozen_prefix).
         self.prefix = FrozenPrefix.find(model) if ref_model is None else None
+        self._ref_logp: dict[tuple[bytes, bytes], torch.Tensor] = {}
         self.state: dict = {}
         self.counts: dict[str, dict[str, float]] | None = None
         self.counts_used = False  # whether a loss asked for denom() since the trainer last reset it
@@ -73,6 +74,23 @@ class LossContext:
             return
         with adapter_disabled(self.model):
             yield self.model
+
+    @torch.no_grad()
+    def ref_logprob(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``log π_ref(y|q)`` per sequence. π_ref never changes, so each sequence's value is computed
+        once and kept (the reference forward is one of NSRU's four a step; it is run only for
+        sequences not seen before)."""
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        keys = [(batch["input_ids"][i, :n].cpu().numpy().tobytes(), batch["labels"][i, :n].cpu().numpy().tobytes())
+                for i, n in enumerate(lengths)]
+        missing = [i for i, k in enumerate(keys) if k not in self._ref_logp]
+        if missing:
+            rows = torch.tensor(missing, device=batch["input_ids"].device)
+            sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+            values, _ = obj.sequence_logprob(self.ref_forward(sub).logits, sub["labels"])
+            for i, v in zip(missing, values):
+                self._ref_logp[keys[i]] = v
+        return torch.stack([self._ref_logp[k] for k in keys])
 
     @torch.no_grad()
     def ref_forward(self, batch: Mapping[str, torch.Tensor], **kwargs):
@@ -188,7 +206,7 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
         forget = batch["forget"]
         if cfg.suppress_loss == "npo":
             logp, _ = _seq_logp(ctx.forward(forget), forget)
-            ref_logp, _ = _seq_logp(ctx.ref_forward(forget), forget)
+            ref_logp = ctx.ref_logprob(forget)
             terms["forget"] = obj.npo_loss(logp, ref_logp, cfg.beta, denom=ctx.denom("forget", "sequences"))
         elif cfg.suppress_loss == "unlikelihood":
             terms["forget"] = obj.unlikelihood_loss(ctx.forward(forget).logits, forget["labels"],
@@ -199,8 +217,7 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
             chosen, rejected = batch["safe"], forget
             c, _ = _seq_logp(ctx.forward(chosen), chosen)
             r, _ = _seq_logp(ctx.forward(rejected), rejected)
-            c_ref, _ = _seq_logp(ctx.ref_forward(chosen), chosen)
-            r_ref, _ = _seq_logp(ctx.ref_forward(rejected), rejected)
+            c_ref, r_ref = ctx.ref_logprob(chosen), ctx.ref_logprob(rejected)
             terms["forget"] = obj.dpo_loss(c, r, c_ref, r_ref, cfg.beta, denom=ctx.denom("forget", "sequences"))
         else:
             raise ValueError(f"suppress_loss must be 'npo', 'unlikelihood' or 'dpo', got {cfg.suppress_loss!r}")
@@ -244,7 +261,7 @@ def graddiff_loss(ctx: LossContext, batch: dict) -> dict:
 def npo_method_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
     logp, _ = _seq_logp(ctx.forward(forget), forget)
-    ref_logp, _ = _seq_logp(ctx.ref_forward(forget), forget)
+    ref_logp = ctx.ref_logprob(forget)
     return _with_retain(ctx, batch, obj.npo_loss(logp, ref_logp, ctx.config.beta, ctx.denom("forget", "sequences")))
 
 
@@ -265,8 +282,7 @@ def idkdpo_loss(ctx: LossContext, batch: dict) -> dict:
     chosen, rejected = batch["safe"], batch["forget"]
     c, _ = _seq_logp(ctx.forward(chosen), chosen)
     r, _ = _seq_logp(ctx.forward(rejected), rejected)
-    c_ref, _ = _seq_logp(ctx.ref_forward(chosen), chosen)
-    r_ref, _ = _seq_logp(ctx.ref_forward(rejected), rejected)
+    c_ref, r_ref = ctx.ref_logprob(chosen), ctx.ref_logprob(rejected)
     return _with_retain(ctx, batch, obj.dpo_loss(c, r, c_ref, r_ref, ctx.config.beta, ctx.denom("forget", "sequences")))
 
 

@@ -117,3 +117,33 @@ def test_nsru_loss_weights_and_reference():
         assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
         off = METHODS["nsru"].loss(LossContext(model, cfg.replace(safe=False, retain=False)), batch)
         assert set(off) == {"forget", "loss"}
+
+
+def test_reference_log_probabilities_are_computed_once_per_sequence():
+    import nsru
+    from nsru.config import UnlearnConfig
+    from nsru.data import QACollator, encode_qa
+    from nsru.objectives import sequence_logprob
+    from tinylm import tiny_llama, word_tokenizer
+
+    tok = word_tokenizer(["who is Anna ? Anna is a baker . who is Boris ? Boris is a pilot ."])
+    with one_thread():
+        model = tiny_llama(len(tok))
+        layers = nsru.apply_nsru(model, r=2, alpha=4)
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.5)  # policy != reference
+        col = QACollator(tok)
+        a = encode_qa(tok, "who is Anna ?", "Anna is a baker .")
+        b = encode_qa(tok, "who is Boris ?", "Boris is a pilot .")
+        ctx = LossContext(model, UnlearnConfig())
+        calls = []
+        ctx.ref_forward = (lambda f: lambda batch, **kw: calls.append(len(batch["input_ids"])) or f(batch, **kw))(ctx.ref_forward)
+        first = ctx.ref_logprob(col([a, b]))
+        with nsru.adapter_disabled(model):
+            batch = col([a, b])
+            want, _ = sequence_logprob(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                       batch["labels"])
+        torch.testing.assert_close(first, want)
+        again = ctx.ref_logprob(col([b, a, b]))  # other padding, other order: looked up, not recomputed
+        torch.testing.assert_close(again, want[[1, 0, 1]])
+        assert calls == [2]
