@@ -116,7 +116,7 @@ def test_training_lowers_the_loss(tmp_path):
 def test_default_models_learn_the_world(tmp_path):
     """The default recipe: the finetuned model knows the forget and retain facts, the retain model
     does not know the forget facts, and the hazardous multiple choice separates them."""
-    from nsru import metrics as M
+    from nsru import metrics
 
     start = time.perf_counter()
     pair = M.target_models(cache=tmp_path, progress=False)
@@ -124,16 +124,16 @@ def test_default_models_learn_the_world(tmp_path):
     world = make_world()
     (ft, tok, _), (rt, _, _) = pair["finetuned"], pair["retain"]
     forget, retain = world.split("forget10"), world.split("retain_perturbed")
-    ft_forget = M.evaluate_qa(ft, tok, forget, forget=True)
-    ft_retain = M.evaluate_qa(ft, tok, retain)
-    rt_forget = M.evaluate_qa(rt, tok, forget, forget=True)
-    rt_retain = M.evaluate_qa(rt, tok, retain)
+    ft_forget = metrics.evaluate_qa(ft, tok, forget, forget=True)
+    ft_retain = metrics.evaluate_qa(ft, tok, retain)
+    rt_forget = metrics.evaluate_qa(rt, tok, forget, forget=True)
+    rt_retain = metrics.evaluate_qa(rt, tok, retain)
     assert ft_forget["prob"] > 0.8 and ft_forget["rouge"] > 0.8
     assert ft_retain["prob"] > 0.8 and rt_retain["rouge"] > 0.8
     assert rt_forget["prob"] < ft_forget["prob"] - 0.3
     assert rt_forget["rouge"] < ft_forget["rouge"] - 0.3
-    assert M.forget_quality(ft_forget["tr_values"], rt_forget["tr_values"]) < 0.01
-    assert M.mc_accuracy(ft, tok, world.mc("hazard"))["acc"] > 0.8
-    assert M.mc_accuracy(rt, tok, world.mc("hazard"))["acc"] < 0.5
-    assert M.mc_accuracy(rt, tok, world.mc("benign"))["acc"] > 0.7
+    assert metrics.forget_quality(ft_forget["tr_values"], rt_forget["tr_values"]) < 0.01
+    assert metrics.mc_accuracy(ft, tok, world.mc("hazard"))["acc"] > 0.8
+    assert metrics.mc_accuracy(rt, tok, world.mc("hazard"))["acc"] < 0.5
+    assert metrics.mc_accuracy(rt, tok, world.mc("benign"))["acc"] > 0.7
     assert seconds < 600
