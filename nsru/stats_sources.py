@@ -29,7 +29,7 @@ from torch import nn
 
 from nsru.cache import cache_dir
 from nsru.data import encode_qa, encode_text, has_chat_template, is_qa, load_rows, pad_encodings, pad_token_id, prompt_ids
-from nsru.layer import model_device
+from nsru.layer import adapter_disabled, model_device
 from nsru.subspace import SecondMoments, collect_second_moments
 
 GENERIC_PROMPTS: tuple[str, ...] = (
@@ -151,7 +151,8 @@ def _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, bat
     model.eval()
     rows: list[dict] = []
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # the model before training (adapters off: also skips their op on every generated token)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), adapter_disabled(model):
             torch.manual_seed(seed)
             for lo in range(0, n, batch_size):
                 chosen = [prompts[i % len(prompts)] for i in range(lo, min(n, lo + batch_size))]
