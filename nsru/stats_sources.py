@@ -72,13 +72,15 @@ _FINGERPRINT_VALUES = 4096
 
 
 def _fingerprint(model: nn.Module, tokenizer) -> str:
-    """A short hash that changes when the weights, the config or the tokenizer change."""
+    """A short hash that changes when the base weights, the config or the tokenizer change."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     h.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
     h.update(str(len(tokenizer)).encode())
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # adapters are not the model that writes the samples
+                continue
             flat = p.detach().reshape(-1)[:_FINGERPRINT_VALUES].float().cpu()
             h.update(flat.numpy().tobytes())
     return h.hexdigest()[:16]
