@@ -72,5 +72,8 @@ def test_comparison_writes_results_table_and_plot(tmp_path):
     assert "| nsru[retain] |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "real_knowledge.png").read_bytes()[:4] == b"\x89PNG"
     assert res["scenario"] == saved["scenario"]
+    # one report from the run log (twice the same folder: each method and seed counts once)
+    merged = real.report_from_runs(tmp_path / "merged", tmp_path, tmp_path, log=lambda *a: None)
+    assert merged["models"] == saved["models"] and merged["scenario"] == saved["scenario"]
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         real.run_real(tmp_path, names=["nope"], facts=facts, load=lambda: trained_world_model()[:2])

@@ -203,6 +203,9 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
     budget = {"steps": steps or STEPS, "lr": lr or LR, "batch_size": batch_size or BATCH_SIZE, "layers": LAYERS,
               "max_length": 128, "self_samples": SELF_SAMPLES, "progress": False, **(options or {})}
     per_seed: dict[str, list[dict]] = {"before": [before]}
+    meta = {"scenario": sc.counts,
+            "config": {"seeds": seeds, "held_out": HELD_OUT, **{k: v for k, v in budget.items() if k != "progress"}}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     runs = out / "runs.jsonl"  # one line per finished run, so an interrupted comparison keeps what it measured
     runs.write_text(json.dumps({"name": "before", "seed": None, **before}) + "\n")
     for name in names:  # every seed of a method before the next method: a cut-short run keeps whole rows
@@ -218,21 +221,39 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
             with runs.open("a") as f:
                 f.write(json.dumps({"name": name, "seed": seed, **rep}) + "\n")
             log(f"seed {seed} {name:24s} {_line(rep)}")
+    return write_report(out, per_seed, {**meta, "seconds": time.perf_counter() - started}, log)
+
+
+def write_report(out: Path, per_seed: dict[str, list[dict]], meta: dict, log=print) -> dict:
+    """``results.json`` (means, standard deviations, every run), ``table.md`` and the plot."""
     models = {name: _aggregate(reps) for name, reps in per_seed.items()}
-    results = {
-        "models": models,
-        "per_seed": per_seed,
-        "scenario": sc.counts,
-        "config": {"seeds": seeds, "held_out": HELD_OUT, **{k: v for k, v in budget.items() if k != "progress"}},
-        "seconds": time.perf_counter() - started,
-    }
+    results = {"models": models, "per_seed": per_seed, **meta}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table(models) + "\n")
     plot(models, out / "real_knowledge.png")
     log("\n" + table(models))
-    log(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {out / 'real_knowledge.png'} "
-        f"({results['seconds']:.0f}s)")
+    log(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {out / 'real_knowledge.png'}")
     return results
+
+
+def report_from_runs(out, *folders, log=print) -> dict:
+    """One report from the ``runs.jsonl`` (and ``meta.json``) of one or more comparisons that ran
+    apart, or were cut short: every finished run counts, each method once per seed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed: dict[str, list[dict]] = {}
+    seen: set = set()
+    meta: dict = {}
+    for folder in map(Path, folders):
+        if (folder / "meta.json").is_file() and not meta:
+            meta = json.loads((folder / "meta.json").read_text())
+        for line in (folder / "runs.jsonl").read_text().splitlines():
+            run = json.loads(line)
+            key = (run.pop("name"), run.pop("seed"))
+            if key not in seen:
+                seen.add(key)
+                per_seed.setdefault(key[0], []).append(run)
+    return write_report(out, per_seed, {**meta, "sources": [str(f) for f in folders]}, log)
 
 
 def _line(rep: dict) -> str:
