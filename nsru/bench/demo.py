@@ -86,13 +86,15 @@ def _wmdp_report(model, tok, sets):
 
 def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHODS, cache=None,
              steps: int | None = None, lr: float | None = None, world: WorldConfig | None = None,
-             model: ModelConfig | None = None, train: TrainConfig | None = None, log=print) -> dict:
+             model: ModelConfig | None = None, train: TrainConfig | None = None, options: dict | None = None,
+             log=print) -> dict:
     """Run both scenarios for ``methods`` over ``seeds`` seeds; write ``results.json`` and
     ``forget_quality_vs_utility.png`` under ``out``; return the results dict.
 
     ``steps`` / ``lr``: the unlearning budget every method gets (defaults: :data:`STEPS`,
     :data:`QUICK_STEPS`, :data:`LR`); ``world`` / ``model`` / ``train``: the benchmark's settings
-    (defaults: the shipped ones; tests pass tiny ones).
+    (defaults: the shipped ones; tests pass tiny ones); ``options``: further ``nsru.unlearn`` options
+    for every method (e.g. ``{"stats": "self"}``).
     """
     from nsru.unlearn import unlearn
 
@@ -137,7 +139,7 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
     for seed in range(seeds):
         for method in methods:
             common = dict(method=method, steps=n_steps, lr=lr, seed=seed, templates=list(SAFE_TEMPLATES),
-                          progress=False)
+                          progress=False, **(options or {}))
             if quick:  # retain statistics and leakage over about a quarter of the retain rows
                 common["stats_tokens"] = QUICK_STATS_TOKENS
             t = time.perf_counter()
