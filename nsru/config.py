@@ -72,9 +72,10 @@ class UnlearnConfig:
     alpha: float = 16.0
     init: str = "random"  # random (then projected) | forget (top-r eigvecs of P⊥ C_forget P⊥)
     subspace: str = DEFAULT_RULE  # retain-subspace rule, e.g. "energy=0.9", "k=16", "tail=1e-3,min_null=8"
-    # Data of the retain statistics (nsru.stats_sources): "retain", "self", a corpus (path or rows),
-    # or a list of them; stats_tokens bounds their tokens, shared equally between the sources.
-    stats: Any = "retain"
+    # Data of the retain statistics (nsru.stats_sources): "auto" (retain data and self-samples),
+    # "retain", "self", a corpus (path or rows), or a list of them, each source weighing equally;
+    # stats_tokens bounds their tokens, shared equally between the sources.
+    stats: Any = "auto"
     stats_tokens: int | None = None
     self_samples: int = 256  # texts the model writes itself for the "self" source
     self_max_new_tokens: int = 64
@@ -150,9 +151,9 @@ class UnlearnConfig:
         sources = self.stats if isinstance(self.stats, (list, tuple)) else [self.stats]
         need(len(sources) > 0, "stats must name at least one source: 'retain', 'self', a corpus, or a list")
         for source in sources:
-            if isinstance(source, (str, os.PathLike)) and str(source) not in ("retain", "self"):
-                need(Path(source).is_file(), f"stats source {str(source)!r} is neither 'retain', 'self' nor an "
-                                             "existing JSON/JSONL file")
+            if isinstance(source, (str, os.PathLike)) and str(source) not in ("auto", "retain", "self"):
+                need(Path(source).is_file(), f"stats source {str(source)!r} is neither 'auto', 'retain', 'self' "
+                                             "nor an existing JSON/JSONL file")
         need(self.stats_tokens is None or self.stats_tokens >= 1, f"stats_tokens must be >= 1, got {self.stats_tokens!r}")
         need(self.self_samples >= 1 and self.self_max_new_tokens >= 1, "self_samples and self_max_new_tokens must be >= 1")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
@@ -315,8 +316,8 @@ HELP = {
     "init": "adapter A init: random (then projected) or forget (directions forget data uses, retain data not)",
     "subspace": "retain-subspace rule: energy=0.9 (fraction of the trace), k=16, abs=X, tail=X, mean=X; "
                 "add ,min_null=N to keep N free directions per module",
-    "stats": "data of the retain statistics: retain, self (text the model writes), a JSON/JSONL corpus, "
-             "or a list of them",
+    "stats": "data of the retain statistics: auto (retain and self), retain, self (text the model writes "
+             "before training), a JSON/JSONL corpus, or a list of them (each source weighs equally)",
     "stats_tokens": "at most this many tokens of statistics data, shared equally between the sources (null: all)",
     "self_samples": "texts the model writes for the 'self' statistics source",
     "self_max_new_tokens": "length of each of those texts, in tokens",

@@ -11,6 +11,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# What the library caches (self-samples, converted weights, tiny target models) goes to a folder of
+# this test session, not the user's cache, unless NSRU_CACHE says otherwise.
+if "NSRU_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["NSRU_CACHE"] = tempfile.mkdtemp(prefix="nsru-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["NSRU_CACHE"], ignore_errors=True)
+
 import pytest  # noqa: E402
 
 

@@ -259,8 +259,9 @@ def test_bases_from_nsru_subspace_train_the_same_adapter(world, tmp_path, capsys
     from safetensors.torch import load_file
 
     m, f, r = world["model"], world["forget"], world["retain"]
-    common_args = ("steps=3", "batch_size=4", "progress=false")
-    assert run_cli(capsys, "subspace", "--model", m, "--retain", r, "--out", tmp_path / "sub", "progress=false")[0] == 0
+    common_args = ("steps=3", "batch_size=4", "progress=false", "stats=retain")
+    assert run_cli(capsys, "subspace", "--model", m, "--retain", r, "--out", tmp_path / "sub", "progress=false",
+                   "stats=retain")[0] == 0
     assert run_cli(capsys, "unlearn", "--model", m, "--forget", f, "--retain", r, "--out", tmp_path / "a",
                    *common_args)[0] == 0
     rc, out, _ = run_cli(capsys, "unlearn", "--model", m, "--forget", f, "--retain", r, "--out", tmp_path / "b",
@@ -375,7 +376,7 @@ REJECTED = [
     (["bogus"], r"unrecognized argument 'bogus': options are --flags or key=value"),
     (["output_dir=x"], r"output_dir is set by --out, not as key=value"),
     (["model=x"], r"model= is a flag of the command: use --model x"),
-    (["stats=missing.jsonl"], r"stats source 'missing.jsonl' is neither 'retain', 'self' nor an existing"),
+    (["stats=missing.jsonl"], r"stats source 'missing.jsonl' is neither 'auto', 'retain', 'self' nor an existing"),
 ]
 
 
@@ -423,7 +424,7 @@ BAD_INPUT = [
     ("config-run-key", lambda w, b, t: ["unlearn", "--config", b["run_key"], "--out", t / "o"],
      r"unknown key 'modle' in section 'run'; did you mean 'model'\?"),
     ("config-yaml", lambda w, b, t: ["unlearn", "--config", b["broken"], "--out", t / "o"], r"invalid YAML"),
-    ("subspace-no-retain", lambda w, b, t: ["subspace", "--model", w["model"], "--out", t / "o"],
+    ("subspace-no-retain", lambda w, b, t: ["subspace", "--model", w["model"], "--out", t / "o", "stats=retain"],
      r"--retain is required: the statistics come from the retain data"),
     ("eval-nothing", lambda w, b, t: ["eval", "--model", w["model"]], r"nothing to evaluate"),
     ("eval-no-adapter", lambda w, b, t: ["eval", "--model", w["model"], "--adapter", t, "--forget", w["forget"]],

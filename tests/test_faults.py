@@ -307,7 +307,10 @@ def test_nan_in_the_retain_statistics_names_the_module():
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight[3] = float("nan")
     with pytest.raises(FloatingPointError, match=r"retain statistics of module 'model.layers.1.mlp.gate_proj'"):
-        nsru.unlearn(model, tok, forget=forget, retain=retain, **OPTIONS)
+        nsru.unlearn(model, tok, forget=forget, retain=retain, stats="retain", **OPTIONS)
+    # a model that cannot write its own samples says so
+    with pytest.raises(FloatingPointError, match="NaN/Inf while writing its own samples"):
+        nsru.unlearn(model, tok, forget=forget, retain=retain, stats="self", **OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------

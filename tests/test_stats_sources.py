@@ -78,13 +78,13 @@ def test_unlearn_with_self_statistics_reports_leakage_on_retain_and_forget(tmp_p
 
 def test_bad_stats_and_layers_are_refused_by_name_before_any_work(tmp_path):
     model, tok, forget, retain = trained_world_model()
-    with pytest.raises(ConfigError, match="missing.jsonl' is neither 'retain', 'self' nor an existing"):
+    with pytest.raises(ConfigError, match="missing.jsonl' is neither 'auto', 'retain', 'self' nor an existing"):
         nsru.unlearn(model, tok, forget=forget, retain=retain, stats=["retain", str(tmp_path / "missing.jsonl")])
     with pytest.raises(ConfigError, match="layers must look like"):
         nsru.unlearn(model, tok, forget=forget, retain=retain, layers="1-x")
     assert not nsru.nsru_modules(model)
     with pytest.raises(ValueError, match="needs data for its statistics"):
-        nsru.unlearn(model, tok, forget=forget, retain=False)
+        nsru.unlearn(model, tok, forget=forget, retain=False, stats="retain")
 
 
 def test_layer_band_limits_the_adapters():

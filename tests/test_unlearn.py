@@ -142,7 +142,7 @@ def test_inputs_config_and_errors(tmp_path):
     with pytest.raises(DataError, match="empty forget set"):
         nsru.unlearn(model, tok, forget=[], retain=retain)
     with pytest.raises(ValueError, match="needs data for its statistics"):
-        nsru.unlearn(model, tok, forget=forget, retain=False)
+        nsru.unlearn(model, tok, forget=forget, retain=False, stats="retain")
     # retain=False with projection off: plain LoRA without a retain term.
     res = nsru.unlearn(model, tok, forget=forget, retain=False, project=False, steps=2, batch_size=2, progress=False)
     assert "retain" not in res.history[-1]
