@@ -65,11 +65,11 @@ def ratio_rows(benchmarks: Iterable[Mapping]) -> list[dict]:
 def real_model_times(path: str | os.PathLike | None = None) -> dict:
     """Unlearning wall time per method of the real-model scenario (``nsru/bench/real.py``), read
     from its ``results.json``: ``path``, else ``$NSRU_REAL_RESULTS``, else ``nsru-demo-real/results.json``
-    (in the repository or the working directory). Not timed by the suite: a run takes many minutes.
+    (in the repository or the working directory), else the committed ``benchmarks/results/real_smollm2/``. Not timed by the suite: a run takes many minutes.
     Returns ``{"skipped": reason}`` when there is no such file."""
     root = Path(__file__).resolve().parent.parent
     candidates = [path, os.environ.get("NSRU_REAL_RESULTS"), root / "nsru-demo-real" / "results.json",
-                  Path("nsru-demo-real") / "results.json"]
+                  Path("nsru-demo-real") / "results.json", root / "benchmarks" / "results" / "real_smollm2" / "results.json"]
     found = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
     if found is None:
         return {"skipped": "no real-model results: run `nsru demo --scenario real` (nsru/bench/real.py) "

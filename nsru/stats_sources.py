@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nsru.atomic import atomic_write
 from nsru.cache import cache_dir
 from nsru.data import encode_qa, encode_text, has_chat_template, is_qa, load_rows, pad_encodings, pad_token_id, prompt_ids
+from nsru.distributed import dist_info
 from nsru.layer import adapter_disabled, model_device
 from nsru.subspace import SecondMoments, collect_second_moments
 
@@ -84,8 +86,10 @@ def _fingerprint(model: nn.Module, tokenizer) -> str:
         for name, p in model.named_parameters():
             if "lora_" in name:  # adapters are not the model that writes the samples
                 continue
-            flat = p.detach().reshape(-1)[:_FINGERPRINT_VALUES].float().cpu()
-            h.update(flat.numpy().tobytes())
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            if type(p.data) is torch.Tensor or isinstance(p.data, nn.Parameter):  # not a shard (FSDP): the same on every rank
+                flat = p.detach().reshape(-1)[:_FINGERPRINT_VALUES].float().cpu()
+                h.update(flat.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -138,14 +142,18 @@ def sample_self(
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     folder = Path(cache) if cache is not None else cache_dir() / "self-samples"
     path = folder / f"{key}.json"
-    if path.is_file():
+    # Under torch.distributed every process generates (a sharded model's forward is collective)
+    # unless every process finds the cache.
+    cached = torch.tensor([1.0 if path.is_file() else 0.0], device=model_device(model))
+    if dist_info()[1] > 1:
+        torch.distributed.all_reduce(cached, op=torch.distributed.ReduceOp.MIN)
+    if cached.item() == 1.0:
         rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
     else:
         rows = _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, batch_size, temperature)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        if dist_info()[0] == 0:
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1)
+                                                          + "\n", encoding="utf-8"))
     return [r for r in rows if not _names_any(r.get("answer", r.get("text", "")), exclude)]
 
 
