@@ -154,6 +154,10 @@ def evaluate(model, tokenizer, sc: Scenario, before_ppl: float | None = None) ->
     return report
 
 
+DISPLAY_ORDER = ("nsru[retain+self]", "nsru[retain]", "nsru[self]", "nsru[retain+corpus]", "lora (nsru-no-project)",
+                 "graddiff", "npo", "simnpo", "idkdpo", "rmu")
+
+
 def variants(stats_corpus: Path) -> dict[str, dict]:
     """Every method of the comparison as ``nsru.unlearn`` options: NSRU with each statistics source,
     plain LoRA with NSRU's losses, and the baselines."""
@@ -226,7 +230,9 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
 
 def write_report(out: Path, per_seed: dict[str, list[dict]], meta: dict, log=print) -> dict:
     """``results.json`` (means, standard deviations, every run), ``table.md`` and the plot."""
-    models = {name: _aggregate(reps) for name, reps in per_seed.items()}
+    order = ["before", *DISPLAY_ORDER]
+    names = sorted(per_seed, key=lambda n: order.index(n) if n in order else len(order))
+    models = {name: _aggregate(per_seed[name]) for name in names}
     results = {"models": models, "per_seed": per_seed, **meta}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table(models) + "\n")
