@@ -286,7 +286,7 @@ def table(models: dict) -> str:
         cells = []
         for c in cols:
             v = row.get(c)
-            text = "–" if v is None else f"{v:.1f}" if c == "seconds" else f"{v:.3f}"
+            text = "–" if v is None else f"{v:.1f}" if c == "seconds" else f"{v:.3g}" if v >= 1000 else f"{v:.3f}"
             if row.get(f"{c}_std") is not None:
                 text += f" ± {row[f'{c}_std']:.2g}"
             cells.append(text)
@@ -302,7 +302,7 @@ def plot(models: dict, path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")
     for ax, key, label in ((axes[0], "neighbour_acc", "neighbour facts kept"),
                            (axes[1], "general_acc", "general facts kept")):
         for i, (name, row) in enumerate(models.items()):
@@ -310,7 +310,7 @@ def plot(models: dict, path) -> Path:
                 continue
             marker = "*" if name.startswith("nsru") else "s" if name == "before" else "o"
             ax.errorbar(row[key], row["forget_acc"], xerr=row.get(f"{key}_std"), yerr=row.get("forget_acc_std"),
-                        fmt=marker, color=cmap(i % 10), markersize=11 if marker == "*" else 7, label=name, capsize=2)
+                        fmt=marker, color=cmap(i % 20), markersize=11 if marker == "*" else 7, label=name, capsize=2)
         ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(f"{label} (accuracy; 1 before)")
         ax.set_xlim(-0.02, 1.05)
