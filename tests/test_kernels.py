@@ -16,7 +16,6 @@ from nsru.ops import (
     lowrank_linear,
     lowrank_linear_backward_reference,
     lowrank_linear_forward_reference,
-    null_space_factor,
     project_rows_,
     project_rows_reference_,
 )

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import nsru
 from nsru.layer import NSRULinear
 
 

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from nsru import metrics as M
 from nsru.bench.pretrained import load_smollm2
 from nsru.layer import nsru_modules

@@ -86,7 +86,6 @@ def _batches(encodings, pad_id: int, device, chunk: int = 16) -> list[dict]:
 def compute_and_save(model, tokenizer, cfg, retain, forget, out: Path, model_name: str | None = None,
                      **meta_extra) -> tuple[dict, dict]:
     """Add rank-1 adapters (only their hooks matter), collect the statistics, write the files."""
-    import torch
     from safetensors.torch import save_file
 
     from nsru.adapt import apply_nsru

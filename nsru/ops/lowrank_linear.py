@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nsru.ops.backend import use_triton
-from nsru.ops.project_rows import project_rows_
+from nsru.ops.project_rows import project_rows_  # noqa: F401  (registers nsru::project_rows_, used in the backward)
 
 
 def null_space_factor(lora_A: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
