@@ -179,6 +179,16 @@ def pad_encodings(
     return out
 
 
+def input_batches(encodings: Sequence[Mapping], pad_id: int, device=None, size: int = 16) -> list[dict]:
+    """Right-padded ``input_ids``/``attention_mask`` batches of ``size`` encodings for
+    ``model(**batch)``, without labels: what statistics and leakage passes run on."""
+    out = []
+    for i in range(0, len(encodings), size):
+        enc = pad_encodings(encodings[i:i + size], pad_id)
+        out.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)})
+    return out
+
+
 class QACollator:
     """Pads a list of :func:`encode_qa` / :func:`encode_text` dicts to a batch of tensors.
 

@@ -26,6 +26,11 @@ DEFAULT_MAX_BYTES = 1 << 30
 """Most bytes of cached prefix outputs; sequences past it are recomputed each time (still correct)."""
 
 
+def sequence_keys(lengths: list[int], *rows: torch.Tensor) -> list[bytes]:
+    """One key per right-padded row: the bytes of each tensor's first ``lengths[i]`` entries."""
+    return [b"".join(t[i, :n].cpu().numpy().tobytes() for t in rows) for i, n in enumerate(lengths)]
+
+
 class FrozenPrefix:
     """Runs ``model`` from layer ``first`` on cached outputs of the layers below it."""
 
@@ -66,7 +71,7 @@ class FrozenPrefix:
     def _prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The input of layer ``first`` for every position of the batch (zeros on pads)."""
         lengths = attention_mask.sum(-1).tolist()
-        keys = [input_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        keys = sequence_keys(lengths, input_ids)
         missing = [i for i, k in enumerate(keys) if k not in self.cache]
         fresh: dict[int, torch.Tensor] = {}
         if missing:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nsru import objectives as obj
-from nsru.frozen_prefix import FrozenPrefix
+from nsru.frozen_prefix import FrozenPrefix, sequence_keys
 from nsru.layer import adapter_disabled
 
 ABLATIONS = ("safe", "suppress", "retain", "project")
@@ -48,7 +48,7 @@ class LossContext:
         self.weights = get_method(config.method).weights(config)
         # Adapters above a frozen bottom: run that bottom once per sequence (nsru.frozen_prefix).
         self.prefix = FrozenPrefix.find(model) if ref_model is None else None
-        self._ref_logp: dict[tuple[bytes, bytes], torch.Tensor] = {}
+        self._ref_logp: dict[bytes, torch.Tensor] = {}
         self.state: dict = {}
         self.counts: dict[str, dict[str, float]] | None = None
         self.counts_used = False  # whether a loss asked for denom() since the trainer last reset it
@@ -81,8 +81,7 @@ class LossContext:
         once and kept (the reference forward is one of NSRU's four a step; it is run only for
         sequences not seen before)."""
         lengths = batch["attention_mask"].sum(-1).tolist()
-        keys = [(batch["input_ids"][i, :n].cpu().numpy().tobytes(), batch["labels"][i, :n].cpu().numpy().tobytes())
-                for i, n in enumerate(lengths)]
+        keys = sequence_keys(lengths, batch["input_ids"], batch["labels"])
         missing = [i for i, k in enumerate(keys) if k not in self._ref_logp]
         if missing:
             rows = torch.tensor(missing, device=batch["input_ids"].device)

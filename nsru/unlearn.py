@@ -24,7 +24,7 @@ from nsru.adapt import apply_nsru
 from nsru.adapter_init import init_adapters
 from nsru.checkpoint import OutputDirError, check_output_dir
 from nsru.config import UnlearnConfig
-from nsru.data import encode_qa, encode_text, is_qa, load_rows, pad_encodings, pad_token_id
+from nsru.data import encode_qa, encode_text, input_batches, is_qa, load_rows, pad_token_id
 from nsru.distributed import all_reduce_mean_, dist_info, init_distributed_from_env, run_on_rank0
 from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
@@ -106,15 +106,10 @@ def _encode_retain(rows, tokenizer, cfg) -> list[dict]:
     return [{"retain": encode_text(tokenizer, r["text"], where=f"retain row {i}", **limits)} for i, r in enumerate(rows)]
 
 
-def _stat_batches(encodings: Sequence[dict], pad_id: int, device, chunk: int = 16):
+def _stat_batches(encodings: Sequence[dict], pad_id: int, device):
     """This process's share of ``encodings`` as padded batches for ``model(**batch)`` (no labels)."""
     rank, world = dist_info()
-    mine = list(encodings)[rank::world]
-    batches = []
-    for i in range(0, len(mine), chunk):
-        enc = pad_encodings(mine[i:i + chunk], pad_id)
-        batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)})
-    return batches
+    return input_batches(list(encodings)[rank::world], pad_id, device)
 
 
 def _sources(spec) -> list:

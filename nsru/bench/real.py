@@ -30,6 +30,7 @@ from pathlib import Path
 
 from nsru import metrics as M
 from nsru.bench.pretrained import load_smollm2
+from nsru.data import input_batches, pad_token_id
 from nsru.layer import nsru_modules
 from nsru.stats_sources import encode_rows
 from nsru.subspace import leakage
@@ -122,12 +123,7 @@ def _leakage_on(model, tokenizer, rows: list[dict]) -> float:
     layers = nsru_modules(model)
     if not layers or not any(layer.k for layer in layers.values()):
         return 1.0
-    from nsru.data import pad_encodings, pad_token_id
-
-    encodings = encode_rows(rows, tokenizer, None)
-    pad = pad_token_id(tokenizer)
-    batches = [{k: v for k, v in pad_encodings(encodings[i:i + 16], pad).items() if k != "labels"}
-               for i in range(0, len(encodings), 16)]
+    batches = input_batches(encode_rows(rows, tokenizer, None), pad_token_id(tokenizer))
     values = leakage(model, batches, progress=False)
     return statistics.fmean(values.values())
 

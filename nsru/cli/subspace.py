@@ -73,16 +73,6 @@ def run(args, overrides: dict) -> int:
     return 0
 
 
-def _batches(encodings, pad_id: int, device, chunk: int = 16) -> list[dict]:
-    from nsru.data import pad_encodings
-
-    out = []
-    for i in range(0, len(encodings), chunk):
-        enc = pad_encodings(encodings[i:i + chunk], pad_id)
-        out.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)})
-    return out
-
-
 def compute_and_save(model, tokenizer, cfg, retain, forget, out: Path, model_name: str | None = None,
                      **meta_extra) -> tuple[dict, dict]:
     """Add rank-1 adapters (only their hooks matter), collect the statistics, write the files."""
@@ -90,7 +80,7 @@ def compute_and_save(model, tokenizer, cfg, retain, forget, out: Path, model_nam
 
     from nsru.adapt import apply_nsru
     from nsru.atomic import atomic_write
-    from nsru.data import pad_token_id
+    from nsru.data import input_batches, pad_token_id
     from nsru.layer import model_device
     from nsru.stats_sources import collect_statistics, describe, encode_rows, stats_encodings
     from nsru.subspace import leakage, retain_subspaces, set_retain_bases
@@ -102,15 +92,17 @@ def compute_and_save(model, tokenizer, cfg, retain, forget, out: Path, model_nam
         max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
         self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed)
     sources = describe(encoded)
-    moments, batches = collect_statistics(model, encoded, lambda enc: _batches(enc, pad, device))
+    moments, batches = collect_statistics(model, encoded, lambda enc: input_batches(enc, pad, device))
     subspaces = retain_subspaces(moments, cfg.subspace_rule)
     set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
 
     leaks = {"leakage": leakage(model, batches, progress=False)}
     if retain is not None and sources.keys() != {"retain"}:
-        leaks["leakage_retain"] = leakage(model, _batches(encode_rows(retain, tokenizer, cfg.max_length), pad, device), progress=False)
+        batches = input_batches(encode_rows(retain, tokenizer, cfg.max_length), pad, device)
+        leaks["leakage_retain"] = leakage(model, batches, progress=False)
     if forget is not None:
-        leaks["leakage_forget"] = leakage(model, _batches(encode_rows(forget, tokenizer, cfg.max_length), pad, device), progress=False)
+        batches = input_batches(encode_rows(forget, tokenizer, cfg.max_length), pad, device)
+        leaks["leakage_forget"] = leakage(model, batches, progress=False)
     modules = {name: {"k": layer.k, "in_features": layer.in_features, "capped": subspaces[name].capped,
                       **{key: values[name] for key, values in leaks.items()}} for name, layer in layers.items()}
     report = {"rule": cfg.subspace, "stats": sources, **summarize(modules), "modules": modules}
