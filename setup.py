@@ -2,8 +2,9 @@
 
 The C++ (CPU) sources are always compiled. The CUDA sources are added when a CUDA toolkit
 and a CUDA-enabled torch are both present; ``NSRU_CUDA=1`` forces them (fails loudly without
-a toolkit), ``NSRU_CUDA=0`` skips them. The Triton kernels in ``kernels/`` ship inside the
-package as ``nsru.kernels`` (a top-level ``kernels`` module belongs to another project).
+a toolkit), ``NSRU_CUDA=0`` skips them. The Triton kernels in ``kernels/`` (a folder, not a package:
+``import kernels`` is a PyPI project that transformers imports) ship inside the wheel as
+``nsru.kernels``; in a source checkout ``nsru/kernels/__init__.py`` points that package at them.
 """
 
 import glob
@@ -41,7 +42,7 @@ def _extension():
 
 
 setup(
-    packages=find_packages(include=["nsru", "nsru.*"]) + ["nsru.kernels"],
+    packages=find_packages(include=["nsru", "nsru.*"]),
     package_dir={"nsru": "nsru", "nsru.kernels": "kernels"},
     package_data={"nsru.bench": ["data/*.json"]},
     ext_modules=[_extension()],
