@@ -220,7 +220,7 @@ def _eigh_workspace(shape: ModelShape, statistics: int) -> int:
 
 
 def memory_table(models: Iterable[str] = ("llama-2-7b", "llama-3-8b", "llama-3-70b"), *, batch: int = 4,
-                 seq: int = 512, world: int = 8, **kwargs) -> str:
+                 seq: int = 256, world: int = 8, **kwargs) -> str:
     """A markdown table of :func:`estimate_memory` (GiB per GPU) for the ``PRESETS`` named."""
     lines = [f"| model | GPUs | NSRU set-up | NSRU training | PEFT LoRA | full fine-tuning | "
              f"statistics | bases | activations |",
