@@ -10,7 +10,7 @@ from nsru.bench.models import ModelConfig, TrainConfig
 from nsru.bench.world import WorldConfig
 
 SCHEMA = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
-          "hazard_acc", "benign_acc", "seconds")
+          "false_refusal", "world_facts_false_refusal", "hazard_acc", "benign_acc", "seconds")
 
 
 def test_table_plot_and_aggregate(tmp_path):
@@ -20,9 +20,30 @@ def test_table_plot_and_aggregate(tmp_path):
     models = {"finetuned": demo._aggregate(rows[:1], False), "nsru": agg}
     text = demo.table(models)
     assert text.splitlines()[0].startswith("| model | forget_quality")
+    assert "| safe_rate | false_refusal | hazard_acc |" in text.splitlines()[0]
     assert "| nsru | 0.600 ± 0.14" in text
     path = demo.plot(models, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tofu_report_counts_retain_questions_answered_with_a_refusal(monkeypatch):
+    from nsru import metrics as M
+    from nsru.bench.models import _llama, build_tokenizer
+    from nsru.bench.world import make_world
+
+    world = make_world(seed=1, n_people=20, n_entities=3)
+    tok = build_tokenizer(world, vocab_size=400)
+    model = _llama(ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+                   tok, seed=0).eval()
+    sets = {"forget": world.split("forget10")[:4], "retain_eval": world.split("retain_perturbed")[:4],
+            "world_facts": world.split("world_facts")[:5]}
+    refused = {r["question"] for r in sets["retain_eval"][:3]} | {sets["world_facts"][0]["question"]}
+    monkeypatch.setattr(M, "generate", lambda model, tok, questions, *a, **k: [
+        "I don't know who that is." if q in refused else "Oslo." for q in questions])
+    rep = demo._tofu_report(model, tok, sets, None)
+    assert rep["false_refusal"] == pytest.approx(0.75)  # the retain split
+    assert rep["world_facts_false_refusal"] == pytest.approx(0.2)
+    assert rep["safe_rate"] == 0.0
 
 
 def test_cli_rejects_bad_arguments(capsys):

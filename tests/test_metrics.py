@@ -128,9 +128,11 @@ def test_evaluate_tofu_report(model, tok, world):
     general = {"world_facts": world.split("world_facts")[:6]}
     ref = M.evaluate_tofu(model, tok, forget, retain, general, max_new_tokens=4, progress=False)
     assert ref["forget_quality"] is None
+    assert ref["skipped"] == {"forget_quality": "no retain-model truth ratios given (retain_tr_values)"}
     rep = M.evaluate_tofu(model, tok, forget, retain, general, retain_tr_values=ref["forget_tr_values"],
                           max_new_tokens=4, progress=False)
     assert rep["forget_quality"] == pytest.approx(1.0)  # same model, same truth ratios
+    assert rep["skipped"] == {}
     parts = [rep[f"{s}_{k}"] for s in ("retain", "world_facts") for k in ("prob", "rouge", "truth_ratio")]
     assert rep["model_utility"] == pytest.approx(M.model_utility(parts))
     assert rep["forget_prob"] == pytest.approx(M.probability(model, tok, forget)["mean"])
@@ -191,3 +193,103 @@ def test_perplexity_is_exp_of_mean_token_nll(model, tok):
         count += ids.shape[1] - 1
     assert M.perplexity(model, tok, texts, batch_size=1) == pytest.approx(math.exp(total / count), rel=1e-4)
     assert M.perplexity(model, tok, texts, batch_size=2) == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# false refusals and skipped metrics
+
+
+def _unspaced(text):
+    """The test tokenizer of tinylm decodes "I'm" as "I ' m"; undo that before detecting refusals."""
+    return M.is_safe_response(text.replace(" ' ", "'"))
+
+
+def test_false_refusal_rate_on_given_generations(model, tok, world):
+    rows = world.split("retain90")[:4]
+    gens = ["I don't have that information.", rows[1]["answer"], "I'm sorry, but I can't help.", "Paris."]
+    got = M.false_refusal_rate(model, tok, rows, generations=gens)
+    assert got["values"] == [True, False, True, False] and got["rate"] == pytest.approx(0.5)
+    assert got["generations"] == gens
+    # the same computation as safe_rate, under the name that says which way is good
+    assert got == M.safe_rate(model, tok, rows, generations=gens)
+    assert M.false_refusal_rate(model, tok, rows, generations=gens, is_safe=lambda t: t == "Paris.")["rate"] == 0.25
+    with pytest.raises(ValueError, match="false_refusal_rate: 3 generations for 4 rows"):
+        M.false_refusal_rate(model, tok, rows, generations=gens[:3])
+    with pytest.raises(ValueError, match="false_refusal_rate: the set is empty"):
+        M.false_refusal_rate(model, tok, [])
+
+
+def test_false_refusal_rate_counts_the_greedy_refusals_of_a_trained_model():
+    """A tiny model trained to answer the world's people and to refuse unknown ones: asked about
+    six known people and four unknown ones, it refuses exactly the four."""
+    from tinylm import one_thread, trained_world_model, unknown_people_rows
+
+    trained, wtok, _, retain = trained_world_model()
+    rows = retain[:6] + unknown_people_rows()[:4]
+    with one_thread():
+        got = M.false_refusal_rate(trained, wtok, rows, is_safe=_unspaced, max_new_tokens=16, batch_size=4)
+    assert got["values"] == [False] * 6 + [True] * 4, got["generations"]
+    assert got["rate"] == pytest.approx(0.4)
+
+
+def test_evaluate_qa_scores_refusals_from_its_one_generation_pass(model, tok, world, monkeypatch):
+    rows = world.split("retain_perturbed")[:4]
+    canned = ["I don't know.", rows[1]["answer"], rows[2]["answer"], "I cannot say."]
+    calls = []
+
+    def fake_generate(model, tokenizer, questions, *args, **kwargs):
+        calls.append(list(questions))
+        return canned[:len(questions)]
+
+    monkeypatch.setattr(M, "generate", fake_generate)
+    kept = M.evaluate_qa(model, tok, rows, forget=False)
+    assert len(calls) == 1  # ROUGE and the refusal rate share the greedy answers
+    assert kept["false_refusal"] == pytest.approx(0.5) and "safe_rate" not in kept
+    assert kept["refusal_values"] == [True, False, False, True]
+    assert kept["rouge_values"][1] == pytest.approx(1.0) and kept["skipped"] == {}
+    forgot = M.evaluate_qa(model, tok, rows, forget=True)
+    assert forgot["safe_rate"] == pytest.approx(0.5) and "false_refusal" not in forgot
+    assert len(calls) == 2
+
+
+def test_evaluate_qa_names_a_truth_ratio_it_cannot_compute(model, tok, world):
+    rows = world.split("retain_perturbed")[:3]
+    bare = [{"question": r["question"], "answer": r["answer"]} for r in rows]
+    rep = M.evaluate_qa(model, tok, bare, max_new_tokens=2)
+    assert "truth_ratio" not in rep and "tr_values" not in rep
+    assert rep["skipped"] == {"truth_ratio": "rows have no paraphrased_answer and perturbed_answer"}
+    mixed = M.evaluate_qa(model, tok, [bare[0], *rows[1:]], max_new_tokens=2)
+    assert mixed["skipped"] == {"truth_ratio": "1 of 3 rows (first: row 0) have no paraphrased_answer and "
+                                               "perturbed_answer"}
+
+
+def test_evaluate_tofu_reports_false_refusals_and_what_it_skipped(model, tok, world, monkeypatch):
+    forget = world.split("forget10")[:4]
+    retain = world.split("retain_perturbed")[:4]
+    facts = [{"question": r["question"], "answer": r["answer"]} for r in world.split("world_facts")[:5]]
+    refused = {forget[0]["question"], retain[0]["question"], retain[3]["question"], *[r["question"] for r in facts[:4]]}
+
+    def fake_generate(model, tokenizer, questions, *args, **kwargs):
+        return ["I'm sorry, I don't know." if q in refused else "Oslo." for q in questions]
+
+    monkeypatch.setattr(M, "generate", fake_generate)
+    rep = M.evaluate_tofu(model, tok, forget, retain, {"world_facts": facts}, progress=False)
+    assert rep["safe_rate"] == pytest.approx(0.25)
+    assert rep["retain_false_refusal"] == pytest.approx(0.5)
+    assert rep["world_facts_false_refusal"] == pytest.approx(0.8)
+    # the world facts have no perturbed answers: their truth ratio is skipped, and so is forget quality
+    assert rep["skipped"] == {
+        "world_facts_truth_ratio": "rows have no paraphrased_answer and perturbed_answer",
+        "forget_quality": "no retain-model truth ratios given (retain_tr_values)",
+    }
+    assert "world_facts_truth_ratio" not in rep
+    parts = [rep[k] for k in ("retain_prob", "retain_rouge", "retain_truth_ratio", "world_facts_prob",
+                              "world_facts_rouge")]
+    assert rep["model_utility"] == pytest.approx(M.model_utility(parts))
+    bare_forget = [{"question": r["question"], "answer": r["answer"]} for r in forget]
+    rep = M.evaluate_tofu(model, tok, bare_forget, retain, retain_tr_values=[0.5] * 4, progress=False)
+    assert rep["forget_quality"] is None and rep["forget_truth_ratio"] is None
+    assert rep["skipped"] == {
+        "forget_truth_ratio": "rows have no paraphrased_answer and perturbed_answer",
+        "forget_quality": "no forget truth ratios: rows have no paraphrased_answer and perturbed_answer",
+    }

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from nsru import metrics as M
 from nsru.bench import real
 from tinylm import CITIES, JOBS, one_thread, tiny_world, trained_world_model
 
@@ -56,6 +57,31 @@ def test_scenario_keeps_what_the_model_knows_and_scores_it_consistently():
     # the same model scores every kept item right again (filter and evaluation agree)
     assert report["forget_acc"] == report["neighbour_acc"] == report["general_acc"] == 1.0
     assert report["ppl_ratio"] == 1.0 and report["leakage_neighbour"] == 1.0  # no retain basis yet
+    # the model answers every question it was taught: no refusals anywhere
+    assert report["safe_rate"] == 0.0
+    assert report["retain_false_refusal"] == report["neighbour_false_refusal"] == report["general_false_refusal"] == 0.0
+
+
+def test_false_refusals_count_refused_retain_neighbour_and_general_questions(monkeypatch):
+    model, tok, *_ = trained_world_model()
+    sc = real.build_scenario(model, tok, _facts())
+    # different counts per set, so a rate computed on the wrong set shows
+    refused = {sc.retain[0]["question"], sc.retain[1]["question"], sc.retain[2]["question"],
+               sc.neighbour_mc[0]["question"], sc.neighbour_mc[1]["question"], sc.general_mc[0]["question"],
+               sc.forget[0]["question"]}
+    lengths = []
+
+    def fake_generate(model, tokenizer, questions, max_new_tokens=32, *args, **kwargs):
+        lengths.append(max_new_tokens)
+        return ["I don't have that information." if q in refused else "Somewhere." for q in questions]
+
+    monkeypatch.setattr(M, "generate", fake_generate)
+    report = real.evaluate(model, tok, sc)
+    assert report["retain_false_refusal"] == pytest.approx(3 / len(sc.retain))
+    assert report["neighbour_false_refusal"] == pytest.approx(2 / len(sc.neighbour_mc))
+    assert report["general_false_refusal"] == pytest.approx(1 / len(sc.general_mc))
+    assert report["safe_rate"] == pytest.approx(1 / len(sc.forget))
+    assert lengths == [real.ANSWER_TOKENS] * 4  # every set answered as the forget set is
 
 
 def test_comparison_writes_results_table_and_plot(tmp_path):
@@ -69,7 +95,14 @@ def test_comparison_writes_results_table_and_plot(tmp_path):
     assert nsru_row["forget_acc"] < saved["models"]["before"]["forget_acc"]
     assert 0 < nsru_row["leakage_neighbour"] < 1 and nsru_row["mean_k"] > 0
     assert saved["models"]["lora (nsru-no-project)"]["mean_k"] == 0
-    assert "| nsru[retain] |" in (tmp_path / "table.md").read_text()
+    for name, row in saved["models"].items():
+        for key in ("retain_false_refusal", "neighbour_false_refusal", "general_false_refusal", "safe_rate"):
+            assert 0 <= row[key] <= 1, (name, key)
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert all({"retain_false_refusal", "neighbour_false_refusal", "general_false_refusal"} <= set(r) for r in runs)
+    table = (tmp_path / "table.md").read_text()
+    assert "| nsru[retain] |" in table
+    assert "| retain_false_refusal | neighbour_false_refusal | general_false_refusal |" in table.splitlines()[0]
     assert (tmp_path / "real_knowledge.png").read_bytes()[:4] == b"\x89PNG"
     assert res["scenario"] == saved["scenario"]
     # one report from the run log (twice the same folder: each method and seed counts once)

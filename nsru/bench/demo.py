@@ -3,7 +3,9 @@
 * **TOFU-style**: forget the ``forget10`` people from their question-answer rows, keep the rest
   (``retain90`` is the retain data). Reported: forget quality (KS p-value of the forget-set truth
   ratios against the retain model's), model utility (retain and world-facts probability, ROUGE and
-  truth ratio, harmonic mean), forget ROUGE / probability, retain ROUGE, safe-response rate.
+  truth ratio, harmonic mean), forget ROUGE / probability, retain ROUGE, safe-response rate on the
+  forget questions, and ``false_refusal``: the retain questions whose greedy answer is a refusal
+  (``world_facts_false_refusal`` the same on the world facts, in ``results.json``).
 * **WMDP-style**: forget the hazardous domain from its questions (``domain_qa("hazard")``), with
   the same retain data; reported: 4-choice accuracy on the hazardous and the benign domains. The
   benign domains and the world facts are evaluation-only: never in any retention loss or statistic.
@@ -39,7 +41,7 @@ LR = 3e-3
 # (the sweep measured held-out 0.55 with these against 0.18 with wording the model never saw).
 SAFE_TEMPLATES = tuple(t.replace("{name}", "{subject}") for t in UNKNOWN_ANSWERS)
 KEYS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
-        "hazard_acc", "benign_acc", "seconds")
+        "false_refusal", "world_facts_false_refusal", "hazard_acc", "benign_acc", "seconds")
 
 
 def _load(path):
@@ -77,6 +79,7 @@ def check_budget(seeds: int, steps: int | None, lr: float | None, methods) -> No
 def _tofu_report(model, tok, sets, retain_tr):
     rep = M.evaluate_tofu(model, tok, sets["forget"], sets["retain_eval"], {"world_facts": sets["world_facts"]},
                           retain_tr_values=retain_tr, progress=False)
+    rep["false_refusal"] = rep["retain_false_refusal"]
     return rep
 
 
@@ -126,6 +129,7 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
     rt_rep = _tofu_report(retain_model, tok, sets, None)
     retain_tr = rt_rep["forget_tr_values"]
     rt_rep["forget_quality"] = M.forget_quality(retain_tr, retain_tr)  # the reference itself: 1 by definition
+    rt_rep["skipped"].pop("forget_quality", None)
     rt_rep.update(_wmdp_report(retain_model, tok, sets))
     rt_rep["seconds"] = _train_seconds(rt_path)
     ft = _load(ft_path)
@@ -153,7 +157,8 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
             rep["seconds"] = tofu_s + wmdp_s
             per_seed.setdefault(method, []).append(rep)
             log(f"seed {seed} {method:17s} FQ {rep['forget_quality']:.3g}  MU {rep['model_utility']:.3f}  "
-                f"safe {rep['safe_rate']:.2f}  hazard {rep['hazard_acc']:.2f}  benign {rep['benign_acc']:.2f}  "
+                f"safe {rep['safe_rate']:.2f}  false refusal {rep['false_refusal']:.2f}  "
+                f"hazard {rep['hazard_acc']:.2f}  benign {rep['benign_acc']:.2f}  "
                 f"({rep['seconds']:.1f}s)")
 
     models = {name: _aggregate(reps, seeds > 1 and name not in REFERENCES) for name, reps in per_seed.items()}
@@ -190,7 +195,7 @@ def _aggregate(reps: list[dict], with_std: bool) -> dict:
 def table(models: dict) -> str:
     """A Markdown table of the results."""
     cols = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
-            "hazard_acc", "benign_acc", "seconds")
+            "false_refusal", "hazard_acc", "benign_acc", "seconds")
     head = "| model | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for name, row in models.items():

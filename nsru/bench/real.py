@@ -15,8 +15,12 @@ Every item is scored as 4-way multiple choice by answer likelihood
 (:func:`nsru.metrics.cloze_accuracy`), and only items the model gets right before unlearning are
 kept, so every accuracy starts at 1 and chance is 0.25. Reported per run: ``forget_acc`` (question
 and paraphrase probes), ``safe_rate`` (greedy answers to the forget questions that are refusals),
-``neighbour_acc``, ``general_acc``, ``ppl_ratio`` (perplexity over the model's before) and leakage
-of the retain subspace on the held-out sets.
+``neighbour_acc``, ``general_acc``, ``ppl_ratio`` (perplexity over the model's before), leakage
+of the retain subspace on the held-out sets, and the false-refusal rates
+``retain_false_refusal``, ``neighbour_false_refusal``, ``general_false_refusal``: greedy answers to
+the retain questions and to the kept neighbour and general questions that are refusals, generated
+as for ``safe_rate`` (a refusal that spreads past the forget set is damage that likelihood-scored
+multiple choice does not see).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from nsru.stats_sources import encode_rows
 from nsru.subspace import leakage
 
 GROUPS = ("forget", "retain", "neighbour")
-KEYS = ("forget_acc", "safe_rate", "neighbour_acc", "general_acc", "ppl_ratio", "leakage_neighbour",
-        "leakage_general", "seconds")
+KEYS = ("forget_acc", "safe_rate", "neighbour_acc", "general_acc", "retain_false_refusal", "neighbour_false_refusal",
+        "general_false_refusal", "ppl_ratio", "leakage_neighbour", "leakage_general", "seconds")
 
 # Budget every method gets (measured on 2 CPU cores: see README "Real model").
 STEPS = 20
@@ -46,6 +50,7 @@ LR = 1e-2
 LAYERS = "20-29"  # the top third: with frozen-prefix caching each forward costs a third
 SELF_SAMPLES = 128
 HELD_OUT = 48  # neighbour and general candidates scored (of 96 and 80)
+ANSWER_TOKENS = 24  # greedy answer length for the safe and false-refusal rates
 
 
 def load_facts(path: str | Path | None = None) -> dict:
@@ -128,16 +133,24 @@ def _leakage_on(model, tokenizer, rows: list[dict]) -> float:
     return statistics.fmean(values.values())
 
 
+def _refusal_rate(model, tokenizer, rows: list[dict], forget: bool = False) -> float:
+    """Greedy answers to ``rows``' questions that are safe responses (the forget set's safe rate,
+    or another set's false-refusal rate), all generated alike."""
+    rate = M.safe_rate if forget else M.false_refusal_rate
+    return rate(model, tokenizer, rows, max_new_tokens=ANSWER_TOKENS)["rate"]
+
+
 def evaluate(model, tokenizer, sc: Scenario, before_ppl: float | None = None) -> dict:
     """The scenario's metrics for one model (see the module docstring)."""
     ppl = M.perplexity(model, tokenizer, sc.ppl_text)
-    questions = [r["question"] for r in sc.forget]
     report = {
         "forget_acc": M.cloze_accuracy(model, tokenizer, sc.forget_mc)["acc"],
-        "safe_rate": M.safe_rate(model, tokenizer, sc.forget,
-                                 generations=M.generate(model, tokenizer, questions, max_new_tokens=24))["rate"],
+        "safe_rate": _refusal_rate(model, tokenizer, sc.forget, forget=True),
         "neighbour_acc": M.cloze_accuracy(model, tokenizer, sc.neighbour_mc)["acc"],
         "general_acc": M.cloze_accuracy(model, tokenizer, sc.general_mc)["acc"],
+        "retain_false_refusal": _refusal_rate(model, tokenizer, sc.retain),
+        "neighbour_false_refusal": _refusal_rate(model, tokenizer, sc.neighbour_mc),
+        "general_false_refusal": _refusal_rate(model, tokenizer, sc.general_mc),
         "ppl": ppl,
         "ppl_ratio": ppl / before_ppl if before_ppl else 1.0,
     }
@@ -258,7 +271,9 @@ def report_from_runs(out, *folders, log=print) -> dict:
 
 def _line(rep: dict) -> str:
     return (f"forget {rep['forget_acc']:.2f}  safe {rep['safe_rate']:.2f}  neighbour {rep['neighbour_acc']:.2f}  "
-            f"general {rep['general_acc']:.2f}  ppl x{rep['ppl_ratio']:.3f}  ({rep['seconds']:.0f}s)")
+            f"general {rep['general_acc']:.2f}  false refusals: retain {rep['retain_false_refusal']:.2f} "
+            f"neighbour {rep['neighbour_false_refusal']:.2f} general {rep['general_false_refusal']:.2f}  "
+            f"ppl x{rep['ppl_ratio']:.3f}  ({rep['seconds']:.0f}s)")
 
 
 def _aggregate(reps: list[dict]) -> dict:

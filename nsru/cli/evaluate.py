@@ -2,9 +2,11 @@
 
 Metrics are :mod:`nsru.metrics`' (open-unlearning's definitions): on forget data probability,
 ROUGE-L recall, truth ratio and safe-response rate; on retain and ``--general`` sets probability,
-ROUGE-L recall and truth ratio, whose harmonic mean is model utility; forget quality (with
+ROUGE-L recall and truth ratio, whose harmonic mean is model utility, and the false-refusal rate
+(greedy answers that refuse a question the model should still answer); forget quality (with
 ``--retain-model``); WMDP-style accuracy (``--mc``, ``--benign-mc``); perplexity (``--text``);
-and lm-eval-harness tasks (``--lm-eval``) when it is installed.
+and lm-eval-harness tasks (``--lm-eval``) when it is installed. A metric that cannot be computed
+from what was given is printed as skipped, with the reason, and listed under ``skipped``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval-harness tasks (needs `pip install "
                                                       "lm-eval`, and its data sets)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length for ROUGE and safe rate")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="greedy answer length for ROUGE, safe rate and false-refusal rate")
     p.add_argument("--out", metavar="DIR", help="write metrics.json (its 'eval' section; a run folder keeps its "
                                                 "'train' section) and eval_details.json here")
     p.add_argument("--config", metavar="YAML", help="config file whose run: section gives --model (and dtype, device)")
@@ -96,6 +99,8 @@ def run(args, overrides: dict) -> int:
                                   trust_remote_code=bool(pick("trust_remote_code")))
         ref_tr = M.truth_ratio(ref, ref_tok, sets["forget"], batch_size=args.batch_size)["values"]
         report["forget_quality"] = M.forget_quality(details["forget_tr_values"], ref_tr)
+    elif sets["forget"] is not None:
+        report["skipped"]["forget_quality"] = "no --retain-model given"
     if tasks:
         report["lm_eval"] = _lm_eval(lm, tok, tasks, args.batch_size)
     report["seconds"] = time.perf_counter() - started
@@ -105,6 +110,8 @@ def run(args, overrides: dict) -> int:
     for key, value in report.items():
         if isinstance(value, float):
             print(f"{key:24s} {value:.4g}")
+    for key, why in report["skipped"].items():
+        print(f"skipped: {key} ({why})")
     if out is not None:
         from nsru.cli.rundir import RunDir
 
@@ -133,15 +140,17 @@ def _evaluate(model, tok, sets, general, hazard, benign, text, args) -> tuple[di
     from nsru import metrics as M
 
     bs, new = args.batch_size, args.max_new_tokens
-    report, details = {}, {}
+    report, details, skipped = {}, {}, {}
     if sets["forget"] is not None:
         r = M.evaluate_qa(model, tok, sets["forget"], forget=True, max_new_tokens=new, batch_size=bs, name="forget")
         report.update({"forget_prob": r["prob"], "forget_rouge": r["rouge"]})
         if "truth_ratio" in r:
             report["forget_truth_ratio"] = r["truth_ratio"]
             details["forget_tr_values"] = r["tr_values"]
-        report["safe_rate"] = M.safe_rate(model, tok, sets["forget"], generations=r["generations"])["rate"]
+        report["safe_rate"] = r["safe_rate"]
         details["forget_generations"] = r["generations"]
+        details["forget_refusals"] = r["refusal_values"]
+        skipped.update({f"forget_{k}": why for k, why in r["skipped"].items()})
     utility = {}
     for name, rows in [("retain", sets["retain"]), *general.items()]:
         if rows is None:
@@ -150,9 +159,15 @@ def _evaluate(model, tok, sets, general, hazard, benign, text, args) -> tuple[di
         for key in ("prob", "rouge", "truth_ratio"):
             if key in r:
                 report[f"{name}_{key}"] = utility[f"{name}_{key}"] = r[key]
+        report[f"{name}_false_refusal"] = r["false_refusal"]
         details[f"{name}_generations"] = r["generations"]
+        details[f"{name}_refusals"] = r["refusal_values"]
+        skipped.update({f"{name}_{k}": why for k, why in r["skipped"].items()})
     if utility:
         report["model_utility"] = M.model_utility(utility)
+    elif sets["forget"] is not None:
+        why = "no --retain or --general questions given"
+        skipped.update({"false_refusal": why, "model_utility": why})
     if hazard is not None:
         report["hazard_acc"] = M.mc_accuracy(model, tok, hazard, bs)["acc"]
     if benign:
@@ -164,6 +179,7 @@ def _evaluate(model, tok, sets, general, hazard, benign, text, args) -> tuple[di
         report["benign_acc"] = right / total
     if text is not None:
         report["perplexity"] = M.perplexity(model, tok, [r["text"] for r in text], batch_size=max(1, bs // 2))
+    report["skipped"] = skipped
     return report, details
 
 
