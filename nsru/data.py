@@ -189,6 +189,12 @@ def input_batches(encodings: Sequence[Mapping], pad_id: int, device=None, size: 
     return out
 
 
+def sequence_keys(lengths: Sequence[int], *rows: torch.Tensor) -> list[bytes]:
+    """One key per right-padded row of a batch: the bytes of each tensor's first ``lengths[i]``
+    entries (what the per-sequence caches of the trainer and the reference policy are keyed by)."""
+    return [b"".join(t[i, :n].cpu().numpy().tobytes() for t in rows) for i, n in enumerate(lengths)]
+
+
 class QACollator:
     """Pads a list of :func:`encode_qa` / :func:`encode_text` dicts to a batch of tensors.
 

@@ -20,15 +20,11 @@ import torch
 from torch import nn
 
 from nsru.adapt import layer_index
+from nsru.data import sequence_keys
 from nsru.layer import nsru_modules
 
 DEFAULT_MAX_BYTES = 1 << 30
 """Most bytes of cached prefix outputs; sequences past it are recomputed each time (still correct)."""
-
-
-def sequence_keys(lengths: list[int], *rows: torch.Tensor) -> list[bytes]:
-    """One key per right-padded row: the bytes of each tensor's first ``lengths[i]`` entries."""
-    return [b"".join(t[i, :n].cpu().numpy().tobytes() for t in rows) for i, n in enumerate(lengths)]
 
 
 class FrozenPrefix:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nsru import objectives as obj
-from nsru.frozen_prefix import FrozenPrefix, sequence_keys
+from nsru.data import sequence_keys
 from nsru.layer import adapter_disabled
 
 ABLATIONS = ("safe", "suppress", "retain", "project")
@@ -34,6 +34,13 @@ class LossContext:
     or, for full fine-tuning, a frozen copy made by the caller. ``state`` holds per-run values a
     method computes once (e.g. RMU's control vector).
 
+    ``prefix``: how to run the model when the bottom layers below its adapters are frozen, as
+    ``prefix(input_ids=..., attention_mask=..., **kwargs)`` (the trainer's
+    :class:`nsru.frozen_prefix.FrozenPrefix`, which caches those layers' outputs per sequence);
+    ``None`` runs the whole model. It serves the policy and, with adapters disabled, the reference.
+    Whether to cache is the trainer's policy, so the trainer sets it; the losses only call
+    :meth:`forward` and :meth:`ref_forward`.
+
     ``counts``: set by the trainer for each step, ``{part: {"tokens"|"sequences"|"positions": n}}``
     over the whole global batch (all micro-batches of all processes). A loss divides its sum by
     ``denom(part, kind)`` so that its terms add up across micro-batches and processes to the loss
@@ -41,13 +48,13 @@ class LossContext:
     average over the batch they are given.
     """
 
-    def __init__(self, model: nn.Module, config, ref_model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, config, ref_model: nn.Module | None = None,
+                 prefix: Callable | None = None) -> None:
         self.model = model
         self.config = config
         self.ref_model = ref_model
         self.weights = get_method(config.method).weights(config)
-        # Adapters above a frozen bottom: run that bottom once per sequence (nsru.frozen_prefix).
-        self.prefix = FrozenPrefix.find(model) if ref_model is None else None
+        self.prefix = prefix
         self._ref_logp: dict[bytes, torch.Tensor] = {}
         self.state: dict = {}
         self.counts: dict[str, dict[str, float]] | None = None

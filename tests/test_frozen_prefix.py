@@ -17,7 +17,7 @@ def test_prefix_cache_matches_the_full_forward_and_runs_each_prefix_once():
     for layer in layers.values():
         torch.nn.init.normal_(layer.lora_B, std=0.1)
     batch = QACollator(tok)([encode_qa(tok, r["question"], r["answer"]) for r in forget + retain[:3]])
-    ctx = LossContext(model, UnlearnConfig(method="nsru"))
+    ctx = LossContext(model, UnlearnConfig(method="nsru"), prefix=FrozenPrefix.find(model))
     assert isinstance(ctx.prefix, FrozenPrefix) and ctx.prefix.first == 1
 
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
