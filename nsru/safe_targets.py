@@ -146,11 +146,18 @@ class SafeTargets:
 def is_safe_response(text: str, targets: Sequence[str] | None = None) -> bool:
     """Whether a generated answer is a safe response: it contains a refusal phrase, or starts
     with one of ``targets`` (e.g. the safe targets used in training)."""
-    low = " ".join(text.lower().replace("’", "'").split())
+    low = _normalise(text)
     if any(m in low for m in REFUSAL_MARKERS):
         return True
     for t in targets or ():
-        t = " ".join(t.lower().split())
+        t = _normalise(t)
         if t and low.startswith(t[: max(8, len(t) // 2)]):
             return True
     return False
+
+
+def _normalise(text: str) -> str:
+    """Lower case, one space between words, and apostrophes joined to their words: byte-level
+    tokenizers without a clean-up step decode "I'm" as "I ' m", which hid refusals from the markers."""
+    low = " ".join(text.lower().replace("’", "'").split())
+    return re.sub(r"\s*'\s*", "'", low)
