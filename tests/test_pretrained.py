@@ -1,5 +1,6 @@
-"""GGUF loading through the safetensors cache (nsru.bench.pretrained), on a tiny Llama GGUF written
-here with the ``gguf`` package, and (slow) on the real SmolLM2-135M-Instruct when it is installed."""
+"""GGUF loading through the safetensors cache (nsru.gguf; nsru.bench.pretrained finds SmolLM2), on a tiny
+Llama GGUF written here with the ``gguf`` package, and (slow) on the real SmolLM2-135M-Instruct when it is
+installed. tests/test_gguf_cli.py reuses :func:`write_tiny_llama_gguf` for the command line."""
 
 import functools
 import json
@@ -10,6 +11,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+import nsru.gguf as G  # noqa: E402
 from nsru.bench import pretrained as P  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, CONTEXT = 64, 4, 2, 96, 2, 128
@@ -159,7 +161,7 @@ def test_second_load_reads_the_cache_only(tiny, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("dequantised the GGUF again although it is cached")
 
-    monkeypatch.setattr(P, "_dequantise", refuse)
+    monkeypatch.setattr(G, "_dequantise", refuse)
     lines = []
     again, tok_again = P.load_gguf(path, cache=cache, log=lines.append)
     assert lines == []

@@ -166,9 +166,11 @@ def options_help(names=None) -> str:
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=False, metavar="PATH",
-                   help="a transformers causal LM: local folder (save_pretrained) or hub name" +
+                   help="a transformers causal LM: local folder (save_pretrained), hub name, or a GGUF file "
+                        "(dequantised once into the cache: $NSRU_CACHE, default ~/.cache/nsru)" +
                         (" (required here or in the config's run section)" if required else ""))
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or hub name (default: the model's)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer folder, hub name or GGUF file (default: the model's)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weights' dtype (default: auto, as saved; adapters always train in float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: auto, cuda when present)")
@@ -177,17 +179,30 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def check_model_path(model: str | None, flag: str = "--model") -> str:
-    """The model path or hub name, checked without loading anything."""
+    """The model folder, GGUF file or hub name, checked without loading anything."""
     if not model:
-        raise UsageError(f"{flag} is required (a model folder or hub name)")
+        raise UsageError(f"{flag} is required (a model folder, a .gguf file or a hub name)")
     path = Path(model).expanduser()
+    if path.is_file():
+        import importlib.util
+
+        from nsru.gguf import is_gguf
+
+        if not is_gguf(path):
+            raise UsageError(f"{flag} {model}: a file but not a GGUF one (it does not start with 'GGUF'); expected "
+                             "a model folder written by save_pretrained or a .gguf file")
+        if importlib.util.find_spec("gguf") is None:
+            raise UsageError(f"{flag} {model}: reading a GGUF file needs the gguf package: pip install gguf")
+        return str(path.resolve())
     if path.exists():
         if not path.is_dir():
-            raise UsageError(f"{flag} {model}: is a file; expected a model folder written by save_pretrained")
+            raise UsageError(f"{flag} {model}: neither a folder nor a file; expected a model folder or a .gguf file")
         if not (path / "config.json").is_file():
             raise UsageError(f"{flag} {model}: no config.json in this folder; expected a folder written by "
                              "save_pretrained")
         return str(path.resolve())
+    if path.suffix.lower() == ".gguf":
+        raise UsageError(f"{flag} {model}: no such file")
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
         raise UsageError(f"{flag} {model}: no such folder (and not a hub name such as org/model)")
     return model
@@ -202,9 +217,15 @@ def check_dtype_device(dtype: str | None, device: str | None) -> None:
 
 def load_model(model: str, *, tokenizer: str | None = None, dtype: str | None = None, device: str | None = None,
                trust_remote_code: bool = False, log=print):
-    """``(model, tokenizer)`` in eval mode on ``device``."""
+    """``(model, tokenizer)`` in eval mode on ``device``; a GGUF file (model or tokenizer) is read from
+    its float32 safetensors copy in the cache, made on first use (``dtype`` applies as for a folder)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nsru.gguf import gguf_folder, is_gguf
+
+    def converted(name: str) -> str:  # a GGUF file: the cache folder of its plain copy
+        return str(gguf_folder(name, log=log)) if is_gguf(name) else name
 
     device = device or "auto"
     if device == "auto":
@@ -214,8 +235,10 @@ def load_model(model: str, *, tokenizer: str | None = None, dtype: str | None = 
     torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
     log(f"loading {model} ({dtype or 'auto'}) on {device}")
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model_path = converted(model)
+        tokenizer_path = converted(tokenizer) if tokenizer else model_path
+        tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot load {model!r}: {first}") from None
