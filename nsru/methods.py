@@ -2,8 +2,9 @@
 
 A method's loss takes a :class:`LossContext` (the model, the config and the reference policy) and
 one step's batch (``{"forget": ..., "safe": ..., "retain": ...}``, each a padded encoding) and
-returns its weighted terms: ``{"loss": total, "safe": ..., "forget": ..., "retain": ...}``
-(terms that are off are left out). ``"forget"`` is the method's forget-side term — ``L_sup`` for
+returns its weighted terms: ``{"loss": total, "safe": ..., "suppress": ..., "retain": ...}``
+(terms that are off are left out; the trainer's history records them under the same names).
+``"suppress"`` is the method's forget-side term, weighted by ``suppress_weight`` — ``L_sup`` for
 NSRU. Names: ``nsru``, ``ga``, ``graddiff``, ``npo``, ``simnpo``, ``idkdpo``, ``rmu``; NSRU's
 ablations as ``nsru-no-safe``, ``nsru-no-suppress``, ``nsru-no-retain``, ``nsru-no-project``
 (or the switches of the same names in the config). New methods: :func:`register_method`.
@@ -213,10 +214,10 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
         if cfg.suppress_loss == "npo":
             logp, _ = _seq_logp(ctx.forward(forget), forget)
             ref_logp = ctx.ref_logprob(forget)
-            terms["forget"] = obj.npo_loss(logp, ref_logp, cfg.beta, denom=ctx.denom("forget", "sequences"))
+            terms["suppress"] = obj.npo_loss(logp, ref_logp, cfg.beta, denom=ctx.denom("forget", "sequences"))
         elif cfg.suppress_loss == "unlikelihood":
-            terms["forget"] = obj.unlikelihood_loss(ctx.forward(forget).logits, forget["labels"],
-                                                    denom=ctx.denom("forget"))
+            terms["suppress"] = obj.unlikelihood_loss(ctx.forward(forget).logits, forget["labels"],
+                                                      denom=ctx.denom("forget"))
         elif cfg.suppress_loss == "dpo":
             if "safe" not in batch:
                 raise ValueError("suppress_loss='dpo' needs question-answer forget data (chosen = safe target)")
@@ -224,7 +225,7 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
             c, _ = _seq_logp(ctx.forward(chosen), chosen)
             r, _ = _seq_logp(ctx.forward(rejected), rejected)
             c_ref, r_ref = ctx.ref_logprob(chosen), ctx.ref_logprob(rejected)
-            terms["forget"] = obj.dpo_loss(c, r, c_ref, r_ref, cfg.beta, denom=ctx.denom("forget", "sequences"))
+            terms["suppress"] = obj.dpo_loss(c, r, c_ref, r_ref, cfg.beta, denom=ctx.denom("forget", "sequences"))
         else:
             raise ValueError(f"suppress_loss must be 'npo', 'unlikelihood' or 'dpo', got {cfg.suppress_loss!r}")
     ret = _retain_term(ctx, batch)
@@ -233,27 +234,27 @@ def nsru_loss(ctx: LossContext, batch: dict) -> dict:
     if not terms:
         raise ValueError("every NSRU loss term is switched off (safe, suppress and retain); nothing to train")
     w = ctx.weights
-    return _weighted(terms, {"safe": w["safe_weight"], "forget": w["suppress_weight"], "retain": w["retain_weight"]})
+    return _weighted(terms, {"safe": w["safe_weight"], "suppress": w["suppress_weight"], "retain": w["retain_weight"]})
 
 
 # --------------------------------------------------------------------------------------------
 # baselines (open-unlearning's definitions: loss = γ·forget + α·retain)
 
 
-def _with_retain(ctx, batch, forget_term, forget_weight=None) -> dict:
-    terms = {"forget": forget_term}
+def _with_retain(ctx, batch, suppress_term, suppress_weight=None) -> dict:
+    terms = {"suppress": suppress_term}
     ret = _retain_term(ctx, batch)
     if ret is not None:
         terms["retain"] = ret
-    w = ctx.weights["suppress_weight"] if forget_weight is None else forget_weight
-    return _weighted(terms, {"forget": w, "retain": ctx.weights["retain_weight"]})
+    w = ctx.weights["suppress_weight"] if suppress_weight is None else suppress_weight
+    return _weighted(terms, {"suppress": w, "retain": ctx.weights["retain_weight"]})
 
 
 @register_method("ga", needs_retain=False, description="gradient ascent on the forget answers")
 def ga_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
     term = obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"], ctx.denom("forget"))
-    return _weighted({"forget": term}, {"forget": ctx.weights["suppress_weight"]})
+    return _weighted({"suppress": term}, {"suppress": ctx.weights["suppress_weight"]})
 
 
 @register_method("graddiff", description="gradient ascent on forget + NLL on retain")
@@ -277,7 +278,7 @@ def simnpo_method_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
     logp, n = _seq_logp(ctx.forward(forget), forget)
     term = obj.simnpo_loss(logp, n, cfg.simnpo_beta, cfg.simnpo_delta, ctx.denom("forget", "sequences"))
-    return _with_retain(ctx, batch, term, forget_weight=cfg.simnpo_gamma * ctx.weights["suppress_weight"])
+    return _with_retain(ctx, batch, term, suppress_weight=cfg.simnpo_gamma * ctx.weights["suppress_weight"])
 
 
 @register_method("idkdpo", needs_safe=True, needs_reference=True,
@@ -355,12 +356,12 @@ def rmu_loss(ctx: LossContext, batch: dict) -> dict:
     control = ctx.state["rmu_control"]
     forget = batch["forget"]
     h = _hidden(ctx.forward(forget, output_hidden_states=True), layer)
-    terms = {"forget": obj.rmu_forget_loss(h, control.to(h.device), forget["attention_mask"],
-                                           ctx.denom("forget", "positions"))}
+    terms = {"suppress": obj.rmu_forget_loss(h, control.to(h.device), forget["attention_mask"],
+                                             ctx.denom("forget", "positions"))}
     if cfg.retain and "retain" in batch:
         retain = batch["retain"]
         h_r = _hidden(ctx.forward(retain, output_hidden_states=True), layer)
         h_ref = _hidden(ctx.ref_forward(retain, output_hidden_states=True), layer)
         terms["retain"] = obj.rmu_retain_loss(h_r, h_ref, retain["attention_mask"], ctx.denom("retain", "positions"))
-    return _weighted(terms, {"forget": ctx.weights["suppress_weight"], "retain": ctx.weights["retain_weight"]})
+    return _weighted(terms, {"suppress": ctx.weights["suppress_weight"], "retain": ctx.weights["retain_weight"]})
 

@@ -112,11 +112,11 @@ def test_nsru_loss_weights_and_reference():
         }
         cfg = UnlearnConfig(safe_weight=2.0, suppress_weight=3.0, retain_weight=0.5, beta=0.1)
         out = METHODS["nsru"].loss(LossContext(model, cfg), batch)
-        assert out["forget"].item() == pytest.approx(20 * LN2, rel=1e-5)
-        total = 2.0 * out["safe"] + 3.0 * out["forget"] + 0.5 * out["retain"]
+        assert out["suppress"].item() == pytest.approx(20 * LN2, rel=1e-5)
+        total = 2.0 * out["safe"] + 3.0 * out["suppress"] + 0.5 * out["retain"]
         assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
         off = METHODS["nsru"].loss(LossContext(model, cfg.replace(safe=False, retain=False)), batch)
-        assert set(off) == {"forget", "loss"}
+        assert set(off) == {"suppress", "loss"}
 
 
 def test_reference_log_probabilities_are_computed_once_per_sequence():

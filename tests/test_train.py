@@ -142,14 +142,14 @@ def _nan_after_3(ctx, batch):
     out = nsru_loss(ctx, batch)
     ctx.state["calls"] = ctx.state.get("calls", 0) + 1
     if ctx.state["calls"] > 3:
-        out["forget"] = out["forget"] * float("nan")
+        out["suppress"] = out["suppress"] * float("nan")
         out["loss"] = out["loss"] * float("nan")
     return out
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     try:
-        with pytest.raises(NonFiniteLossError, match=r"step 4 \(forget = nan.*checkpoint-2"):
+        with pytest.raises(NonFiniteLossError, match=r"step 4 \(suppress = nan.*checkpoint-2"):
             _run(tmp_path, method="nan-after-3", output_dir=str(tmp_path), save_every=2, keep_checkpoints=5)
     finally:
         METHODS.pop("nan-after-3", None)

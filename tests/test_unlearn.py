@@ -37,7 +37,7 @@ def test_nsru_forgets_answers_learns_safe_targets_and_keeps_retain():
     assert after_safe > 0.8
     assert mean(after_retain) > 0.95 * mean(before["retain"])  # within a few percent
     assert result.model is model and len(result.history) == 80
-    assert {"safe", "forget", "retain", "loss", "lr"} <= set(result.history[-1])
+    assert {"safe", "suppress", "retain", "loss", "lr"} <= set(result.history[-1])
     assert set(result.bases_info) == set(nsru.nsru_modules(model))
     for info in result.bases_info.values():
         assert 0 < info["k"] < info["in_features"] and 0 <= info["leakage"] < 0.5
@@ -70,7 +70,7 @@ def test_rmu_steers_its_layer():
                           lr=1e-2, progress=False)
     names = set(nsru.nsru_modules(model))
     assert names and all(".mlp." in n and ".layers.0." in n for n in names)  # 2 layers: rmu_layer 0
-    first, last = result.history[0]["forget"], result.history[-1]["forget"]
+    first, last = result.history[0]["suppress"], result.history[-1]["suppress"]
     assert last < 0.5 * first  # activations moved towards the random control vector
     assert result.method_state["rmu_coeff"] > 0
 
@@ -102,7 +102,7 @@ def test_variants_and_ablations_run(options):
                           progress=False, **options)
     terms = set(result.history[-1])
     cfg = result.config
-    assert ("safe" in terms) == cfg.safe and ("forget" in terms) == cfg.suppress and ("retain" in terms) == cfg.retain
+    assert ("safe" in terms) == cfg.safe and ("suppress" in terms) == cfg.suppress and ("retain" in terms) == cfg.retain
     if options.get("method") == "nsru-no-project":
         assert all(v["k"] == 0 for v in result.bases_info.values())
     else:
@@ -172,8 +172,8 @@ def test_text_forget_corpus():
     corpus = [{"text": r["answer"]} for r in forget]
     before = mean(answer_probs(model, tok, forget))
     result = nsru.unlearn(model, tok, forget=corpus, retain=retain, steps=10, batch_size=4, lr=1e-2, progress=False)
-    assert "safe" not in result.history[-1] and "forget" in result.history[-1]
-    assert result.history[-1]["forget"] < result.history[0]["forget"]
+    assert "safe" not in result.history[-1] and "suppress" in result.history[-1]
+    assert result.history[-1]["suppress"] < result.history[0]["suppress"]
     assert mean(answer_probs(model, tok, forget)) < 0.9 * before
 
 
