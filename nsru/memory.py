@@ -43,9 +43,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from nsru.ops.subspace_update import EIGH_BATCH_BYTES
+from nsru.subspace import FLUSH_BYTES
+
 GiB = 2**30
-_EIGH_BATCH_BYTES = 256 * 2**20  # nsru.ops.subspace_update's bound on one batched eigh
-_FLUSH_BYTES = 256 * 2**20  # nsru.subspace.collect_second_moments flushes module inputs at this size
 
 
 @dataclass(frozen=True)
@@ -206,17 +207,17 @@ def estimate_memory(
 
 
 def _collect_transient(shape: ModelShape, layers: int, tokens: int, act_bytes: int) -> int:
-    """The statistics forward: module inputs held until ``second_moment_`` flushes them (at 256 MiB
-    or the end of the forward), and the chunk's logits."""
+    """The statistics forward: module inputs held until ``second_moment_`` flushes them (at
+    ``nsru.subspace.FLUSH_BYTES`` or the end of the forward), and the chunk's logits."""
     inputs = tokens * layers * sum(shape.input_groups()) * act_bytes
-    return min(inputs, _FLUSH_BYTES + tokens * shape.intermediate * act_bytes) + tokens * shape.vocab * act_bytes
+    return min(inputs, FLUSH_BYTES + tokens * shape.intermediate * act_bytes) + tokens * shape.vocab * act_bytes
 
 
 def _eigh_workspace(shape: ModelShape, statistics: int) -> int:
     """float64 copies, eigenvectors and LAPACK's syevd workspace of one batch of eigensolves
-    (batches hold at most 256 MiB of float64 statistics, or one matrix that is larger)."""
+    (batches hold at most ``EIGH_BATCH_BYTES`` of float64 statistics, or one matrix that is larger)."""
     widest = max(shape.input_groups())
-    return max(int(1.5 * min(_EIGH_BATCH_BYTES, 2 * statistics)), 4 * 8 * widest * widest)
+    return max(int(1.5 * min(EIGH_BATCH_BYTES, 2 * statistics)), 4 * 8 * widest * widest)
 
 
 def memory_table(models: Iterable[str] = ("llama-2-7b", "llama-3-8b", "llama-3-70b"), *, batch: int = 4,

@@ -18,7 +18,7 @@ from nsru import ops
 from nsru.distributed import all_reduce_sum_
 from nsru.layer import NSRULinear, adapter_disabled, model_device, nsru_modules
 
-_FLUSH_BYTES = 256 * 2**20
+FLUSH_BYTES = 256 * 2**20  # collect_second_moments flushes the module inputs it holds at this size
 
 
 @dataclass
@@ -161,7 +161,7 @@ def collect_second_moments(
             stats.tokens[key] += mask.sum() if mask is not None else x.numel() // x.shape[-1]
             state["pending"].append((stats.sums[key], x, mask))
             state["bytes"] += x.numel() * x.element_size()
-            if state["bytes"] >= _FLUSH_BYTES:
+            if state["bytes"] >= FLUSH_BYTES:
                 flush()
 
         return pre_hook

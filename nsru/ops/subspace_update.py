@@ -43,7 +43,7 @@ if extension_available():
         vectors = [c.new_empty_strided((c.shape[0], c.shape[0]), (1, max(c.shape[0], 1)), dtype=torch.float64) for c in moments]
         return values, vectors
 
-_BATCH_BYTES = 256 * 2**20
+EIGH_BATCH_BYTES = 256 * 2**20
 """Most bytes of float64 statistics stacked into one batched ``eigh`` (bounds the extra memory)."""
 
 
@@ -268,7 +268,7 @@ def subspace_update(
 
     for i in order:
         size = 8 * moments[i].shape[0] ** 2
-        if batch and (batch_bytes + size > _BATCH_BYTES or moments[batch[0]].device != moments[i].device):
+        if batch and (batch_bytes + size > EIGH_BATCH_BYTES or moments[batch[0]].device != moments[i].device):
             run(batch)
             batch, batch_bytes = [], 0
         batch.append(i)
