@@ -4,7 +4,7 @@
 layer inside a network computes). NSRULinear has a retain basis of K/2 columns and runs the torch
 path of ``nsru::lowrank_linear`` on the CPU (fp32, a quarter of 7B's width, 2048 tokens) and the
 Triton kernels on CUDA (bf16, 8192 tokens, full width). PEFT LoRA is ``peft``'s ``lora.Linear``
-with the same rank and alpha (r = 16, alpha = 32). Issue 11's targets for NSRULinear / nn.Linear:
+with the same r and alpha (r = 16, alpha = 32). Issue 11's targets for NSRULinear / nn.Linear:
 CPU forward <= 1.05, forward+backward <= 1.10; GPU <= 1.03 / 1.08.
 
     pytest benchmarks/bench_layer.py --benchmark-only

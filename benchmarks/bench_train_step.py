@@ -1,7 +1,7 @@
 """One full NSRU training step vs a PEFT-LoRA GradDiff step: the number a user feels.
 
 Both on copies of one small random ``LlamaForCausalLM`` (256 wide, 4 layers, fp32 on the CPU;
-2048 wide, 8 layers, bf16 autocast on CUDA), adapters of rank 8 on every projection, batches of 8
+2048 wide, 8 layers, bf16 autocast on CUDA), adapters with r = 8 on every projection, batches of 8
 question-answer pairs from the same data, one ``nsru.train.Trainer`` step each (AdamW, clipping):
 
 * ``NSRU``: ``nsru.unlearn``'s pieces — retain bases from ``collect_second_moments``, the

@@ -21,7 +21,7 @@ SMOKE = os.environ.get("NSRU_BENCH_SMOKE", "0") == "1"
 
 # Llama-7B projections: (in, out) of the attention projections, the MLP's up/gate and its down.
 LLAMA_7B = {"attn": (4096, 4096), "mlp-up": (4096, 11008), "mlp-down": (11008, 4096)}
-RANK, ALPHA = 16, 32
+R, ALPHA = 16, 32  # the adapters' r and alpha
 
 
 def layer_shape(name: str, device: str) -> dict:
@@ -64,14 +64,14 @@ def copy_linear(linear: nn.Linear) -> nn.Linear:
     return out.requires_grad_(False)
 
 
-def peft_lora(linear: nn.Linear, rank: int = RANK, alpha: int = ALPHA) -> nn.Module:
+def peft_lora(linear: nn.Linear, r: int = R, alpha: int = ALPHA) -> nn.Module:
     """PEFT's ``lora.Linear`` around ``linear`` as users get it from ``get_peft_model`` (adapters
     in fp32), with a non-zero B so that its cost is a trained layer's."""
     from peft import LoraConfig, get_peft_model
 
     holder = nn.Module()
     holder.proj = linear
-    model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"]))
+    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"]))
     lora = model.base_model.model.proj
     with torch.no_grad():
         lora.lora_B["default"].weight.normal_(0.0, 0.02)
@@ -94,7 +94,7 @@ def build_layers(shape: dict, device: str, bias: bool = False, seed: int = 0) ->
     torch.manual_seed(seed)
     k, n = shape["in_features"], shape["out_features"]
     linear = nn.Linear(k, n, bias=bias, device=device, dtype=shape["dtype"]).requires_grad_(False)
-    layer = nsru.NSRULinear.from_linear(linear, r=RANK, alpha=ALPHA)
+    layer = nsru.NSRULinear.from_linear(linear, r=R, alpha=ALPHA)
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02)
     layer.set_retain_basis(torch.linalg.qr(torch.randn(k, k // 2, device=device))[0])
@@ -176,7 +176,7 @@ def project_rows_case(device: str, layers: int | None = None, seed: int = 0):
     for _ in range(layers):
         for name in per_layer:
             width = shape_of[name]["in_features"]
-            grads.append(torch.randn(RANK, width, generator=g, device=device))
+            grads.append(torch.randn(R, width, generator=g, device=device))
             bases.append(torch.linalg.qr(torch.randn(width, width // 2, generator=g, device=device))[0])
     return grads, bases
 

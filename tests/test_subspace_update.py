@@ -1,10 +1,10 @@
-"""``subspace_update`` against its per-module reference, the rank rules, and the incremental forms
+"""``subspace_update`` against its per-module reference, the rules that pick k, and the incremental forms
 (kept statistics; a folded previous basis) against the from-scratch update on the union."""
 
 import pytest
 import torch
 
-from nsru.ops import Subspace, SubspaceRule, second_moment_, select_rank, subspace_update, subspace_update_reference
+from nsru.ops import Subspace, SubspaceRule, second_moment_, select_k, subspace_update, subspace_update_reference
 from nsru.ops.backend import extension_available
 from nsru.ops.subspace_update import _eigh_torch, fold
 
@@ -81,20 +81,20 @@ def test_degenerate_statistics():
     assert subspace_update([], "energy=0.9") == []
 
 
-def test_select_rank_rules():
+def test_select_k_rules():
     lam = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1e-9], dtype=torch.float64)
-    assert select_rank(lam, "energy=0.7") == 2
-    assert select_rank(lam, "energy=0.71") == 3
-    assert select_rank(lam, 1.0) == 4  # a bare number is τ
-    assert select_rank(lam, "energy=0") == 0
-    assert select_rank(lam, "k=100") == 6
-    assert select_rank(lam, "abs=1.5") == 3
-    assert select_rank(lam, "tail=0.5") == 2  # above 0.5 × 4
-    assert select_rank(lam, "tail=0.2") == 4  # 1.0 > 0.8
-    assert select_rank(lam, "mean=1.0") == 3  # above the mean eigenvalue 10/6
-    assert select_rank(lam, "mean=1.5") == 2  # above 2.5
+    assert select_k(lam, "energy=0.7") == 2
+    assert select_k(lam, "energy=0.71") == 3
+    assert select_k(lam, 1.0) == 4  # a bare number is τ
+    assert select_k(lam, "energy=0") == 0
+    assert select_k(lam, "k=100") == 6
+    assert select_k(lam, "abs=1.5") == 3
+    assert select_k(lam, "tail=0.5") == 2  # above 0.5 × 4
+    assert select_k(lam, "tail=0.2") == 4  # 1.0 > 0.8
+    assert select_k(lam, "mean=1.0") == 3  # above the mean eigenvalue 10/6
+    assert select_k(lam, "mean=1.5") == 2  # above 2.5
     # the floor of null directions wins over the rule, and says so
-    assert select_rank(lam, "energy=1,min_null=3") == 3
+    assert select_k(lam, "energy=1,min_null=3") == 3
     assert SubspaceRule.parse("k=6,min_null=1").sizes(lam.reshape(1, -1)) == ([5], [True])
     assert SubspaceRule.parse("k=2,min_null=1").sizes(lam.reshape(1, -1)) == ([2], [False])
 

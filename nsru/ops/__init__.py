@@ -13,7 +13,7 @@ from nsru.ops.subspace_update import (
     DEFAULT_RULE,
     Subspace,
     SubspaceRule,
-    select_rank,
+    select_k,
     subspace_update,
     subspace_update_reference,
 )
@@ -31,7 +31,7 @@ __all__ = [
     "requested_backend",
     "second_moment_",
     "second_moment_reference_",
-    "select_rank",
+    "select_k",
     "subspace_update",
     "subspace_update_reference",
     "symmetrize",

@@ -51,18 +51,18 @@ def lowrank_linear_forward_reference(
         return y.add_((scaling * (s @ lora_B.T)).to(y.dtype)), s
     # One dtype: write the low-rank term first, then let the base GEMM accumulate onto it (beta = 1).
     # That costs the GEMM nothing: nn.Linear itself writes the broadcast bias into Y before its
-    # GEMM, and here the bias rides along as one more rank column ([S, 1] [sB, b]ᵀ), so the
+    # GEMM, and here the bias rides along as one more column of S ([S, 1] [sB, b]ᵀ), so the
     # adapter adds only the two skinny products. Interleaved at M=2048, K=1024, N=2816, r=16, fp32,
     # one thread: 0.98-1.02x nn.Linear, against 1.09-1.15x for F.linear then y.addmm_(S, Bᵀ).
-    m, rank = x.shape[0], a_tilde.shape[0]
+    m, r = x.shape[0], a_tilde.shape[0]
     factor = scaling * lora_B
     if bias is None:
         s = x @ a_tilde.T
         y = s @ factor.T
     else:
-        s_one = x.new_empty((m, rank + 1))
-        s_one[:, rank] = 1.0
-        s = torch.mm(x, a_tilde.T, out=s_one[:, :rank])
+        s_one = x.new_empty((m, r + 1))
+        s_one[:, r] = 1.0
+        s = torch.mm(x, a_tilde.T, out=s_one[:, :r])
         y = s_one @ torch.cat([factor, bias[:, None]], dim=1).T
     y.addmm_(x, weight.T)
     return y, s
@@ -120,9 +120,9 @@ def _check_forward(x, weight, bias, lora_A, lora_B, basis) -> None:
         raise ValueError(f"lowrank_linear: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
         raise ValueError(f"lowrank_linear: lora_A has shape {tuple(lora_A.shape)}, expected (r, {in_features})")
-    rank = lora_A.shape[0]
-    if tuple(lora_B.shape) != (out_features, rank):
-        raise ValueError(f"lowrank_linear: lora_B has shape {tuple(lora_B.shape)}, expected ({out_features}, {rank})")
+    r = lora_A.shape[0]
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lowrank_linear: lora_B has shape {tuple(lora_B.shape)}, expected ({out_features}, {r})")
     if basis.dim() != 2 or basis.shape[0] != in_features:
         raise ValueError(f"lowrank_linear: basis has shape {tuple(basis.shape)}, expected ({in_features}, k)")
     if not (lora_A.dtype == lora_B.dtype == basis.dtype and lora_A.is_floating_point()):

@@ -12,7 +12,7 @@ import torch
 from nsru.ops.backend import requested_backend, use_triton
 
 # The grouped kernel gives each program 16 rows of one module and walks that module's whole basis,
-# so its parallelism is the number of such row blocks. One rank-16 module (the autograd function's
+# so its parallelism is the number of such row blocks. One module with r = 16 (the autograd function's
 # call) is one program on one SM: by the count of its tf32x3 products about 0.4 ms for a 4096-wide
 # module with 2048 basis vectors, where cuBLAS's two GEMMs spread over the GPU take tens of
 # microseconds. Below this many programs ``auto`` takes the torch (cuBLAS) path; the trainer's call

@@ -154,7 +154,7 @@ class Subspace:
     capped: bool = False
 
 
-def select_rank(eigenvalues: torch.Tensor, rule: SubspaceRule | str | float = DEFAULT_RULE) -> int:
+def select_k(eigenvalues: torch.Tensor, rule: SubspaceRule | str | float = DEFAULT_RULE) -> int:
     """The k that ``rule`` picks from eigenvalues sorted in descending order."""
     ks, _ = SubspaceRule.parse(rule).sizes(eigenvalues.reshape(1, -1))
     return int(ks[0])
