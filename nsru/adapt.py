@@ -13,9 +13,11 @@ ordinary LoRA ``A``, so ``ΔW = (alpha / r) · B · Ã`` is exactly PEFT's updat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ ADAPTER_FORMAT = "nsru-adapter"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 SAVE_FORMATS = ("nsru", "peft")
+_FINGERPRINT_VALUES = 4096  # leading values of each base parameter that the fingerprint reads
 
 TargetModules = str | Sequence[str]
 
@@ -109,6 +112,24 @@ def find_target_modules(
     return names
 
 
+def check_targets(
+    model: nn.Module, target_modules: TargetModules = "all-linear", r: int | dict[str, int] = 8,
+    layers: str | Sequence[int] | None = None
+) -> list[str]:
+    """What :func:`apply_nsru` would adapt, checked without changing ``model``: the modules must
+    exist and each must be wide enough for its rank. Raises ``ValueError`` naming the first problem."""
+    names = find_target_modules(model, target_modules, layers)
+    for name in names:
+        rank = r[name] if isinstance(r, dict) else r
+        in_f, out_f, _ = _shape_of(model.get_submodule(name))
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"adapter rank r must be a positive integer, got {rank!r} for module {name!r}")
+        if rank > min(in_f, out_f):
+            raise ValueError(f"adapter rank r={rank} is larger than module {name!r} allows: it maps {in_f} -> {out_f} "
+                             f"features, so the rank can be at most {min(in_f, out_f)}")
+    return names
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -135,7 +156,7 @@ def apply_nsru(
             f"{type(model).__name__} already has {len(existing)} NSRU adapters (e.g. {next(iter(existing))!r}); "
             "call merge_and_unload() first or load_adapter() to replace their weights"
         )
-    names = find_target_modules(model, target_modules, layers)
+    names = check_targets(model, target_modules, r, layers)  # all checked before the first module is replaced
     model.requires_grad_(False)
     adapted = {}
     for name in names:
@@ -165,6 +186,41 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def base_fingerprint(model: nn.Module) -> str | None:
+    """A short hash of the base weights (names, shapes and the leading values of every parameter
+    but the adapters'), the same with or without unmerged adapters in the model and for a float32
+    or bfloat16 copy of the weights (values are hashed at bfloat16 precision). ``None`` where the
+    base weights cannot be read as they are: an adapter is merged into them, or they are sharded."""
+    layers = nsru_modules(model)
+    if any(layer.merged for layer in layers.values()):
+        return None
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                continue
+            if type(p.data) is not torch.Tensor:  # a DTensor shard (FSDP): not the whole weight
+                return None
+            h.update(f"{name.replace('.base_layer.', '.')}{tuple(p.shape)}".encode())
+            head = p.detach().reshape(-1)[:_FINGERPRINT_VALUES].to(torch.bfloat16).float().cpu()
+            h.update(head.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_fingerprint(folder: Path, config: dict, model: nn.Module) -> None:
+    """Warn when the adapter was trained on other base weights than ``model``'s (same shapes,
+    another model: the adapter loads, but what it does there is not what was trained)."""
+    trained = config.get("base_fingerprint")
+    if not trained:
+        return
+    here = base_fingerprint(model)
+    if here is not None and here != trained:
+        warnings.warn(f"{folder}: the adapter was trained on base weights with fingerprint {trained} (of "
+                      f"{config.get('base_model_name_or_path') or 'an unnamed model'}), but this model's weights have "
+                      f"fingerprint {here}: another model or other weights, which the adapter was not trained for",
+                      stacklevel=3)
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nsru",
                  base_model_name_or_path: str | None = None) -> Path:
     """Write the model's adapters to the folder ``path``.
@@ -173,7 +229,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nsru"
     and ``adapter_config.json``; :func:`load_adapter` reads them back and training can continue.
     ``format="peft"``: PEFT's LoRA files (``adapter_model.safetensors`` with ``lora_A = Ã`` and
     ``lora_B = B``, and a ``LoraConfig``), for ``peft.PeftModel.from_pretrained(base, path)``.
-    ``base_model_name_or_path`` (default: the model config's ``_name_or_path``) is recorded in both.
+    ``base_model_name_or_path`` (default: the model config's ``_name_or_path``) is recorded in both;
+    the NSRU format also records :func:`base_fingerprint`, which :func:`load_adapter` compares.
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {', '.join(SAVE_FORMATS)}, got {format!r}")
@@ -210,7 +267,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nsru"
         if not isinstance(layer.base_layer, nn.Linear):
             modules[name]["conv1d"] = True  # transformers' Conv1D (weight stored as in × out): PEFT's fan_in_fan_out
     config = {"format": ADAPTER_FORMAT, "version": 1, "base_model_class": type(model).__name__,
-              "base_model_name_or_path": base_model_name_or_path, "modules": modules}
+              "base_model_name_or_path": base_model_name_or_path, "base_fingerprint": base_fingerprint(model),
+              "modules": modules}
     atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out
@@ -320,7 +378,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULin
 
     Adapters are added first where the model has none (from the config's module list, ranks and
     alphas). Every tensor's shape is checked against its module before anything is copied, so a
-    mismatched file leaves the model as it was.
+    mismatched file leaves the model as it was. An adapter trained on other base weights (its
+    recorded :func:`base_fingerprint` differs from the model's) loads with a warning naming both.
     """
     folder = Path(path)
     config = _read_config(folder)
@@ -352,6 +411,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULin
                              f"(the model's adapters: {', '.join(list(layers)[:5])}...)")
         shapes = {n: (layers[n].in_features, layers[n].out_features, layers[n].r) for n in entries}
         _check_shapes(folder, entries, tensors, shapes)
+    _check_fingerprint(folder, config, model)
     with torch.no_grad():
         for name, layer in layers.items():
             if name not in entries:
@@ -394,3 +454,37 @@ def _check_shapes(folder: Path, entries: dict, tensors: dict, shapes: dict) -> N
     if extra:
         raise ValueError(f"{folder / ADAPTER_WEIGHTS}: {len(extra)} tensors that {ADAPTER_CONFIG} does not list "
                          f"(e.g. {extra[0]!r}): the weights and the config are not of the same adapter")
+
+
+def check_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Check a PEFT LoRA adapter folder against ``model`` before PEFT loads it: every ``lora_A`` /
+    ``lora_B`` weight must belong to a linear module of the model and fit its width. Raises
+    ``ValueError`` naming the first module that does not, with both shapes (PEFT itself lists
+    every mismatch of every module). Nothing is checked when the weights are not safetensors."""
+    folder = Path(path)
+    file = folder / PEFT_WEIGHTS
+    if not file.is_file():
+        return
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: cannot read adapter weights ({err})") from None
+    prefix = "base_model.model."
+    present = dict(model.named_modules())
+    for key, t in sorted(tensors.items()):
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            continue
+        name, part = m.group(1).removeprefix(prefix), m.group(2)
+        module = present.get(name)
+        if module is None or not is_linear(module):
+            what = "has no module" if module is None else f"has a {type(module).__name__}, not a linear layer,"
+            raise ValueError(f"{file}: the model ({type(model).__name__}) {what} named {name!r} for {key}; the "
+                             "adapter is of another model")
+        in_f, out_f, _ = _shape_of(module)
+        shape = tuple(t.shape)
+        ok = (t.dim() == 2 and shape[1] == in_f) if part == "lora_A" else (t.dim() == 2 and shape[0] == out_f)
+        if not ok:
+            needs = f"(r, {in_f})" if part == "lora_A" else f"({out_f}, r)"
+            raise ValueError(f"{file}: {key} has shape {shape} but module {name!r} of the model maps {in_f} -> "
+                             f"{out_f} features, so it needs {needs}; the adapter is of another model")

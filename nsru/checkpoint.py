@@ -43,7 +43,9 @@ from nsru.atomic import atomic_write
 CHECKPOINT_FORMAT = "nsru-checkpoint"
 # 2: trainer_state.json holds the LR scheduler's state (and no longer an unused "extra" entry).
 # 3: trainer_state.json holds "files", the size and SHA-256 of every other file (versions 1-2 read without).
-CHECKPOINT_VERSION = 3
+# 4: the scheduler state's lr_lambdas hold the schedule itself (kind, warm-up, total, and where a resume
+#    with other steps re-anchored its decay); older ones get it from their config (nsru.schedule).
+CHECKPOINT_VERSION = 4
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"

@@ -84,28 +84,30 @@ def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item() > 0)
 
 
-def run_on_rank0(fn: Callable[[], object], error_type: type[Exception] = RuntimeError) -> None:
-    """Call ``fn()`` on rank 0 only (a check or a write that touches the file system). When it
-    raises, every process raises too — ``error_type`` with the same message when rank 0's error is
-    one, else a ``RuntimeError`` naming it — so none is left waiting in a collective."""
+def run_on_rank0(fn: Callable[[], object], error_type: type[Exception] = RuntimeError):
+    """Call ``fn()`` on rank 0 only (a check or a write that touches the file system) and return
+    its result on every process (it must pickle). When it raises, every process raises too —
+    ``error_type`` with the same message when rank 0's error is one, else a ``RuntimeError``
+    naming it — so none is left waiting in a collective."""
     rank, world = dist_info()
     if world == 1:
-        fn()
-        return
-    failure = None
+        return fn()
+    failure = result = None
     if rank == 0:
         try:
-            fn()
+            result = fn()
         except Exception as err:
             failure = (isinstance(err, error_type), f"{type(err).__name__}: {err}", str(err))
-            box = [failure]
+            box = [(failure, None)]
             torch.distributed.broadcast_object_list(box, src=0)
             raise
-    box = [failure]
+    box = [(failure, result)]
     torch.distributed.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        same, described, message = box[0]
+    failure, result = box[0]
+    if failure is not None:
+        same, described, message = failure
         raise error_type(message) if same else RuntimeError(f"rank 0 failed: {described}")
+    return result
 
 
 def gather_strings(text: str) -> list[str]:

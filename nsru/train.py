@@ -57,7 +57,7 @@ from nsru.distributed import (
 )
 from nsru.objectives import batch_counts
 from nsru.sampler import Stream, split
-from nsru.schedule import lr_scheduler
+from nsru.schedule import ScheduleError, check_resume, lr_scheduler, restore_scheduler
 
 COUNT_KINDS = ("tokens", "sequences", "positions")
 
@@ -374,6 +374,10 @@ class Trainer:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         path, state, tensors = ckpt.path, ckpt.state, ckpt.trainable
+        try:
+            check_resume(state, self.cfg)  # before anything is restored: the schedule must continue
+        except ScheduleError as err:
+            raise ScheduleError(f"{path}: {err}") from None
         with torch.no_grad():
             for name, p in self.params.items():
                 key = f"param.{name}"
@@ -397,17 +401,7 @@ class Trainer:
                 self.streams[name].load_state_dict(s)
         ckpt.restore_rng()
         self.step = int(state["step"])
-        self._restore_schedule(state.get("scheduler"))
+        # The optimizer's LR came back as the checkpoint's; the schedule (of steps=cfg.steps) sets it.
+        restore_scheduler(self.scheduler, state, self.cfg)
         self.history = list(state["history"])
         self.last_checkpoint = path
-
-    def _restore_schedule(self, saved: Mapping | None) -> None:
-        """Put the LR scheduler where the checkpoint left it (after ``self.step`` steps). Version-1
-        checkpoints have no scheduler state; the position then follows from the step alone."""
-        if saved is None:
-            lrs = [base * fn(self.step) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
-            saved = {**self.scheduler.state_dict(), "last_epoch": self.step, "_step_count": self.step + 1,
-                     "_last_lr": lrs}
-            for group, lr in zip(self.optimizer.param_groups, lrs):
-                group["lr"] = lr
-        self.scheduler.load_state_dict(dict(saved))

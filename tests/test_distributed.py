@@ -251,3 +251,49 @@ def test_every_loss_adds_up_over_shards_with_the_global_count():
             total = sum(fn(s, whole[kind]) for s in shards)
             assert torch.allclose(total, fn(slice(None), None), atol=1e-6), (kind, fn)
             assert not torch.allclose(sum(fn(s, None) for s in shards) / 3, fn(slice(None), None), atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the command line under torchrun
+
+
+@pytest.mark.slow
+def test_nsru_unlearn_under_torchrun_writes_one_run_with_the_one_process_adapter(tmp_path, capsys):
+    """The README's command (`torchrun --nproc_per_node 2 -m nsru unlearn ... --out x`; here with
+    --standalone, for a free port) on a fresh --out: rank 0 owns the run folder, both processes
+    train, and the adapter is the one of one process; log.txt holds one run's lines."""
+    from nsru import cli
+    from nsru.safe_targets import DEFAULT_TEMPLATES
+    from tinylm import tiny_llama, tiny_world, word_tokenizer
+
+    forget, retain = tiny_world()
+    texts = [r["question"] + " " + r["answer"] for r in forget + retain]
+    tok = word_tokenizer(texts + [t.replace("{subject}", "x") for t in DEFAULT_TEMPLATES])
+    tiny_llama(len(tok), hidden=32, layers=2).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    for name, rows in (("forget", forget), ("retain", retain)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows))
+    args = ["unlearn", "--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.json"), "--retain",
+            str(tmp_path / "retain.json"), "steps=2", "batch_size=4", "lr=1e-2", "max_grad_norm=null",
+            "stats=retain", "progress=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nsru",
+           *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=HERE.parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("new run in") == 1  # rank 0 prints, the other process does not
+
+    with one_thread():
+        assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = load_file(str(tmp_path / "two" / "adapter" / "adapter.safetensors"))
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter.safetensors"))
+    assert two.keys() == one.keys()
+    assert _max_diff(two, one) < TOL
+    for key in (k for k in one if k.endswith("retain_basis")):  # the same subspace (eigenvector signs may differ)
+        u, v = two[key], one[key]
+        assert u.shape == v.shape and float((u @ u.T - v @ v.T).abs().max()) < TOL, key
+    log = (tmp_path / "two" / "log.txt").read_text().splitlines()
+    for line in ("loading ", "nsru unlearn: new run in", "done: 2 steps", "wrote "):
+        assert sum(line in entry for entry in log) == 1, (line, log)
+    history = (tmp_path / "two" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["step"] for h in history] == [1, 2]

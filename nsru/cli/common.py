@@ -355,9 +355,16 @@ def named_files(values: list[str] | None, flag: str) -> dict[str, str]:
 # output folders
 
 
-def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Create ``path`` (and its parents) and check a file can be written in it."""
+def writable_dir(path: str | os.PathLike, flag: str = "--out", keep: bool = True) -> Path:
+    """Create ``path`` (and its parents) and check a file can be written in it. ``keep=False`` only
+    checks: the folders it made are removed again, so input rejected later leaves nothing behind."""
     out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {path} is a file; expected a folder")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"{flag} {path}: {above} is a file; expected a folder")
+    made = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".nsru-write-test-{os.getpid()}"
@@ -365,6 +372,12 @@ def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to {flag} {path}: {e.strerror or e}") from None
+    finally:
+        while made and not keep:  # deepest first
+            try:
+                made.pop(0).rmdir()
+            except OSError:
+                break
     return out
 
 

@@ -10,7 +10,6 @@ is loaded: the files alone hold what the conversion needs.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from nsru.cli.common import UsageError, adapter_folder, writable_dir
 
@@ -36,8 +35,8 @@ def run(args, overrides: dict) -> int:
     folder, kind = adapter_folder(args.adapter)
     if kind == "peft":
         raise UsageError(f"--adapter {args.adapter}: already a PEFT adapter")
-    out = writable_dir(args.out)
-    if (Path(out) / "adapter_model.safetensors").exists():
+    out = writable_dir(args.out, keep=False)  # made by the export, once the adapter has read whole
+    if (out / "adapter_model.safetensors").exists():
         raise UsageError(f"--out {out} already holds a PEFT adapter; choose another --out")
     from nsru.adapt import export_peft
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from pathlib import Path
 
 from nsru.cli.common import (UsageError, adapter_folder, add_model_args, check_dtype_device, check_model_path,
@@ -36,28 +38,43 @@ def run(args, overrides: dict) -> int:
     check_dtype_device(args.dtype, args.device)
     folder, kind = adapter_folder(args.adapter)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    writable_dir(out, keep=False)  # checked now, made once the adapter fits the model
+    if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is not empty; merge into a new folder")
-    writable_dir(out)
 
     lm, tok = load_model(model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device or "cpu",
                          trust_remote_code=bool(args.trust_remote_code))
-    if kind == "peft":
-        import peft
-
-        lm = peft.PeftModel.from_pretrained(lm, str(folder)).merge_and_unload()
-    else:
-        import nsru
-
-        try:
-            layers = nsru.load_adapter(lm, folder)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        nsru.merge_and_unload(lm)
-        print(f"merged {len(layers)} adapted modules")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm, count = _merge(lm, folder, kind)
+    for w in caught:  # one line each, like the command's errors
+        print(f"nsru merge: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    print(f"merged {count} adapted modules")
+    writable_dir(out)
     lm.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "nsru_merge.json").write_text(json.dumps({"base_model": model, "adapter": str(folder), "format": kind},
                                                     indent=1) + "\n")
     print(f"wrote {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it without nsru)")
     return 0
+
+
+def _merge(lm, folder: Path, kind: str):
+    """``(merged model, adapted modules)``; an adapter that does not fit the model is a ``UsageError``
+    naming its first mismatched module (before PEFT or NSRU changes anything)."""
+    import nsru
+    from nsru.adapt import check_peft_adapter
+
+    try:
+        if kind == "peft":
+            import peft
+
+            check_peft_adapter(lm, folder)
+            wrapped = peft.PeftModel.from_pretrained(lm, str(folder))
+            count = sum(1 for n, _ in wrapped.named_modules() if n.endswith(".lora_A"))
+            return wrapped.merge_and_unload(), count
+        layers = nsru.load_adapter(lm, folder)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    nsru.merge_and_unload(lm)
+    return lm, len(layers)

@@ -19,6 +19,7 @@ Standard library (and PyYAML) only.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -35,21 +36,74 @@ CHECKPOINTS = "checkpoints"
 
 
 class RunDir:
-    def __init__(self, path: str | Path, echo: bool = True) -> None:
+    """One run folder. Only its owner (``owner=True``: rank 0 under ``torchrun``) prints or writes;
+    lines logged before :meth:`create` are kept and written then, so a run rejected before it
+    starts leaves nothing in ``--out``."""
+
+    def __init__(self, path: str | Path, echo: bool = True, owner: bool = True) -> None:
         self.path = Path(path)
         self.echo = echo
+        self.owner = owner
+        self._pending: list[str] = []
+        self._made: list[Path] = []  # what create() made, for discard()
+        self._created = False
 
     @classmethod
-    def open(cls, path: str | Path, resume: bool) -> RunDir:
-        """A new run folder, or (``resume``) the existing one; checks before anything is written."""
-        run = cls(path)
+    def check(cls, path: str | Path, resume: bool) -> None:
+        """Whether ``path`` can take the run, checked without writing anything there: with
+        ``resume`` it must hold a run; else it must hold none and be (or become) a writable folder."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out {path} is a file; expected a folder")
         if resume:
-            if not (run.path / CONFIG).is_file():
+            if not (path / CONFIG).is_file():
                 raise UsageError(f"--resume: {path} holds no run to continue (no {CONFIG}); start it without --resume")
-        elif (run.path / CONFIG).is_file():
+        elif (path / CONFIG).is_file():
             raise UsageError(f"--out {path} already holds a run; pass --resume to continue it, or choose another --out")
-        writable_dir(run.path)
-        return run
+        writable_dir(path, keep=False)
+
+    def create(self, run: dict, unlearn: dict, resume: bool) -> None:
+        """Check the folder again (another command may have taken it since), make it, write
+        ``config.yaml`` and the lines logged so far. Only the owner writes."""
+        if not self.owner:
+            return
+        self.check(self.path, resume)
+        self._made = [p for p in (self.path / CONFIG, self.path / LOG, self.path / CHECKPOINTS, self.path,
+                                  *self.path.parents) if not p.exists()]
+        writable_dir(self.path)
+        self.write_config(run, unlearn)
+        self._created = True
+        if self._pending:
+            with open(self.path / LOG, "a", encoding="utf-8") as f:
+                f.writelines(self._pending)
+            self._pending = []
+
+    def discard(self) -> list[Path]:
+        """Remove what :meth:`create` made, when the run stopped before its first checkpoint: the
+        folder then holds no run, and the same command can be run again without ``--resume``.
+        Returns what was removed (nothing after a checkpoint, on a resumed run, or off the owner)."""
+        from nsru.checkpoint import latest_checkpoint
+
+        ckpts = self.path / CHECKPOINTS
+        if (not self.owner or self.path / CONFIG not in self._made
+                or (ckpts.is_dir() and latest_checkpoint(ckpts) is not None)):
+            return []
+        removed = []
+        for p in self._made:  # files first, then the folders, deepest first
+            try:
+                if p == ckpts and p.is_dir():
+                    shutil.rmtree(p)  # no complete checkpoint: at most half-written ones
+                elif p.is_dir():
+                    p.rmdir()
+                elif p.exists():
+                    p.unlink()
+                else:
+                    continue
+            except OSError:
+                break  # a folder that holds something else stays, and so do those above it
+            removed.append(p)
+        self._made = []
+        return removed
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -57,11 +111,18 @@ class RunDir:
     # ---- text
 
     def log(self, message: str) -> None:
+        """Print ``message`` and append it to ``log.txt`` with the time (kept until :meth:`create`)."""
+        if not self.owner:
+            return
         if self.echo:
             print(message, flush=True)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        lines = [f"{stamp}  {line}\n" for line in str(message).splitlines() or [""]]
+        if not self._created:
+            self._pending.extend(lines)
+            return
         with open(self.path / LOG, "a", encoding="utf-8") as f:
-            for line in str(message).splitlines() or [""]:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
+            f.writelines(lines)
 
     def write_json(self, name: str, data) -> Path:
         text = json.dumps(data, indent=1, default=_plain) + "\n"
@@ -112,9 +173,11 @@ class RunDir:
         except (OSError, ValueError):
             return []
 
-    def update_metrics(self, section: str, values: dict) -> Path:
-        """Set one section of ``metrics.json``, keeping the others."""
+    def update_metrics(self, section: str, values: dict, drop: tuple[str, ...] = ()) -> Path:
+        """Set one section of ``metrics.json``, keeping the others but those in ``drop``."""
         metrics = self.read_json(METRICS, {}) or {}
+        for name in drop:
+            metrics.pop(name, None)
         metrics[section] = values
         return self.write_json(METRICS, metrics)
 

@@ -1,13 +1,18 @@
 """``nsru unlearn``: :func:`nsru.unlearn` on a model and data files, into a run folder.
 
 Everything the command can check is checked before the model loads: the options (names, types,
-ranges), the method, the model folder, every data row, the bases folder and the output folder.
+ranges), the method, the model folder, every data row, the bases folder and the output folder; the
+target modules and ranks right after it loads. Nothing is written to ``--out`` before all of these
+passed, and a new run that stops before its first checkpoint takes its files away again, so the
+same command can run again. Under ``torchrun`` rank 0 owns the run folder (its checks, config, log,
+history and adapter); the other processes share its verdicts and train beside it.
 See :mod:`nsru.cli.rundir` for what the run folder holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -64,11 +69,10 @@ def _run_values(args, file_run: dict, previous: dict) -> dict:
 
 def run(args, overrides: dict) -> int:
     out = Path(args.out)
+    owner = _start_distributed()  # under torchrun: rank 0 owns the run folder, the others share its verdicts
     previous_run, previous_unlearn = {}, {}
     if args.resume:
-        if not (out / R.CONFIG).is_file():
-            raise UsageError(f"--resume: {out} holds no run to continue (no {R.CONFIG}); start it without --resume")
-        previous_run, previous_unlearn = R.RunDir(out).read_config()
+        previous_run, previous_unlearn = _on_owner(lambda: _previous_config(out))
     file_run, file_unlearn = read_config_file(args.config)
     values = _run_values(args, file_run, previous_run)
     explicit = {**file_unlearn, **overrides}
@@ -105,14 +109,13 @@ def run(args, overrides: dict) -> int:
         bases = read_bases(values["bases"])
         resolved = resolved.replace(target_modules=bases[0]["target_modules"], layers=bases[0]["layers"])
 
-    run_dir = R.RunDir.open(out, resume=args.resume)
     save_every = resolved.save_every if "save_every" in explicit or previous_unlearn else max(
         1, resolved.steps // CHECKPOINTS_PER_RUN)
+    run_dir = R.RunDir(out, owner=owner)
     resolved = resolved.replace(save_every=save_every, output_dir=str(run_dir / R.CHECKPOINTS), resume=args.resume)
-    config_values = {k: v for k, v in resolved.to_dict().items() if k not in ("output_dir", "resume")}
-    run_dir.write_config(values, config_values)
-    run_dir.log(f"nsru unlearn: {'resuming' if args.resume else 'new'} run in {out} (method {resolved.method}, "
-                f"{resolved.steps} steps, {len(forget)} forget rows, {len(retain) if retain else 0} retain rows)")
+    _on_owner(lambda: R.RunDir.check(out, args.resume))
+    if args.resume:
+        _on_owner(lambda: _check_schedule(out, resolved))
 
     lm, tok = load_model(model, tokenizer=values.get("tokenizer"), dtype=values.get("dtype"),
                          device=values.get("device"), trust_remote_code=bool(values.get("trust_remote_code")),
@@ -120,18 +123,29 @@ def run(args, overrides: dict) -> int:
     call = resolved
     if bases is not None:
         call = _apply_bases(lm, resolved, bases, run_dir)
+    elif resolved.finetune == "adapter":  # the targets need the model; checked before the folder is made
+        from nsru.adapt import check_targets
+
+        targets = resolved.target_modules
+        if method.default_targets is not None and targets == "all-linear":
+            targets = method.default_targets(lm, resolved)
+        check_targets(lm, targets, resolved.r, resolved.layers)
+
+    config_values = {k: v for k, v in resolved.to_dict().items() if k not in ("output_dir", "resume")}
+    _on_owner(lambda: run_dir.create(values, config_values, args.resume))
+    run_dir.log(f"nsru unlearn: {'resuming' if args.resume else 'new'} run in {out} (method {resolved.method}, "
+                f"{resolved.steps} steps, {len(forget)} forget rows, {len(retain) if retain else 0} retain rows)")
     import nsru
 
     started = time.perf_counter()
     try:
         result = nsru.unlearn(lm, tok, forget, retain, config=call)
     except BaseException as e:
-        kept = run_dir.history_from_checkpoint()
-        if kept:
-            run_dir.write_history(kept)
-        run_dir.log(f"failed after {time.perf_counter() - started:.1f}s: {type(e).__name__}: {e}"
-                    + (f"; history.jsonl holds the {len(kept)} checkpointed steps, --resume continues" if kept else ""))
+        if owner:
+            _failed(run_dir, e, time.perf_counter() - started)
         raise
+    if not owner:
+        return 0
 
     run_dir.write_history(result.history)
     report = _basis_report(result, bases)
@@ -141,7 +155,7 @@ def run(args, overrides: dict) -> int:
     train = {"method": resolved.method, "steps": len(result.history), "seconds": result.seconds,
              "last": last, "modules": report["modules_count"], "mean_k": report["mean_k"],
              "mean_leakage": report["mean_leakage"], "checkpoint": str(result.checkpoint) if result.checkpoint else None}
-    run_dir.update_metrics("train", train)
+    run_dir.update_metrics("train", train, drop=("eval",))  # an eval of the adapter just replaced no longer holds
     losses = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("step", "lr", "grad_norm")
                        and isinstance(v, float))
     leak = f"{report['mean_leakage']:.4f}" if report["mean_leakage"] is not None else "n/a"
@@ -150,6 +164,68 @@ def run(args, overrides: dict) -> int:
     run_dir.log(f"wrote {run_dir / R.ADAPTER} (nsru export --adapter {out} --out DIR: a PEFT copy; nsru merge: "
                 "a plain model)")
     return 0
+
+
+def _start_distributed() -> bool:
+    """Join the process group when launched by ``torchrun``; whether this process owns the run
+    folder (rank 0, or the only process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from nsru.distributed import dist_info, init_distributed_from_env
+
+    init_distributed_from_env()
+    return dist_info()[0] == 0
+
+
+def _on_owner(fn):
+    """``fn()`` on the process that owns the run folder; every process gets its result or its
+    error (a ``UsageError`` stays one, so every process exits with the same line)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return fn()
+    from nsru.distributed import run_on_rank0
+
+    return run_on_rank0(fn, UsageError)
+
+
+def _previous_config(out: Path) -> tuple[dict, dict]:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder")
+    if not (out / R.CONFIG).is_file():
+        raise UsageError(f"--resume: {out} holds no run to continue (no {R.CONFIG}); start it without --resume")
+    return R.RunDir(out).read_config()
+
+
+def _check_schedule(out: Path, cfg) -> None:
+    """Refuse, before anything is written, a resume whose options cannot continue the newest
+    checkpoint's learning-rate schedule (the trainer checks again on the checkpoint it loads)."""
+    import json
+
+    from nsru.checkpoint import STATE_FILE, latest_checkpoint
+    from nsru.schedule import ScheduleError, check_resume
+
+    folder = out / R.CHECKPOINTS
+    found = latest_checkpoint(folder) if folder.is_dir() else None
+    try:
+        state = json.loads((found / STATE_FILE).read_text()) if found is not None else None
+    except (OSError, ValueError):
+        return  # unreadable: the trainer names it and falls back to an older checkpoint
+    if state is not None:
+        try:
+            check_resume(state, cfg)
+        except ScheduleError as e:
+            raise UsageError(f"--resume {out}: {e}") from None
+
+
+def _failed(run_dir: R.RunDir, error: BaseException, seconds: float) -> None:
+    """Log the failure; keep the checkpointed history, or, before the first checkpoint of a new
+    run, remove the run folder's files so the same command can run again."""
+    kept = run_dir.history_from_checkpoint()
+    if kept:
+        run_dir.write_history(kept)
+    run_dir.log(f"failed after {seconds:.1f}s: {type(error).__name__}: {error}"
+                + (f"; history.jsonl holds the {len(kept)} checkpointed steps, --resume continues" if kept else ""))
+    if run_dir.discard():
+        print(f"nothing was checkpointed, so {run_dir.path} holds no run: the same command can run again", flush=True)
 
 
 def _apply_bases(model, cfg, bases, run_dir):
