@@ -7,9 +7,11 @@
 Speeds are ratios measured in the same run (DESIGN §4): every case is timed with
 ``benchmark.pedantic`` while the ``paired`` fixture times its group's baseline right before each
 round, so each row carries the median of its per-round ratios as well as pytest-benchmark's own
-statistics. At the end the ratio table is printed (``benchmarks/report.py``) and written into the
-JSON under ``"nsru"``. Rounds: ``--benchmark-min-rounds`` (default 5; the slow cases use fewer).
-Threads: ``NSRU_BENCH_THREADS`` (default: torch's). CUDA cases skip without a GPU.
+statistics. A case with a target fails when that median misses it (:func:`check_target`; only when
+timed: ``--benchmark-disable`` runs each case once and checks that it runs). At the end the ratio
+table is printed (``benchmarks/report.py``) and written into the JSON under ``"nsru"``. Rounds:
+``--benchmark-min-rounds`` (default 5; the slow cases use fewer). Threads: ``NSRU_BENCH_THREADS``
+(default: torch's). CUDA cases skip without a GPU.
 """
 
 from __future__ import annotations
@@ -58,13 +60,24 @@ def _rounds(config, default: int | None) -> int:
     return max(1, min(given, default) if default else given)
 
 
+def check_target(case: str, ratio: float | None, target: float) -> None:
+    """Fail ``case`` unless its paired ratio (time / its baseline's time) is at most ``target``."""
+    if ratio is None:
+        pytest.fail(f"{case}: has the target <= {target:.3f} but no paired ratio (it needs a baseline)", pytrace=False)
+    if ratio > target:
+        pytest.fail(f"{case}: {ratio:.3f}x its baseline (median of paired rounds) misses the target <= {target:.3f}",
+                    pytrace=False)
+
+
 @pytest.fixture
 def paired(benchmark, request):
     """``paired(fn, baseline, group=..., label=..., baseline_label=..., target=..., rounds=...)``:
     time ``fn`` with ``benchmark.pedantic``, the baseline right before each round (not timed by
     pytest-benchmark; same timer, ``--benchmark-timer``), and record the median of the per-round
     ratios in ``extra_info``. The baseline row of a group passes ``baseline=fn`` (its ratio shows
-    the run's noise floor). ``memory_device``: also record the peak memory of one more call."""
+    the run's noise floor). ``target``: the most that ratio may be, checked by :func:`check_target`
+    when the case is timed at the real shapes (not under ``--benchmark-disable`` or
+    ``NSRU_BENCH_SMOKE``). ``memory_device``: also record the peak memory of one more call."""
 
     def run(fn, baseline=None, *, group: str, label: str, baseline_label: str | None = None, target=None,
             rounds: int | None = None, warmup: int = 1, memory_device: str | None = None, **info):
@@ -72,7 +85,8 @@ def paired(benchmark, request):
         is_baseline = baseline_label is None or baseline_label == label
         benchmark.extra_info.update(label=label, baseline_label=baseline_label or label, is_baseline=is_baseline,
                                     threads=torch.get_num_threads(), **info)
-        if target is not None and not cases.SMOKE:  # the targets are for the real shapes
+        target = None if cases.SMOKE else target  # the targets are for the real shapes
+        if target is not None:
             benchmark.extra_info["target"] = target
         base_times: list[float] = []
         timer = getattr(benchmark, "_timer", time.perf_counter)
@@ -93,6 +107,8 @@ def paired(benchmark, request):
             benchmark.extra_info["baseline_median_s"] = statistics.median(base)
         if memory_device is not None:
             benchmark.extra_info["peak_bytes"] = cases.peak_memory(fn, memory_device)
+        if target is not None and not benchmark.disabled:
+            check_target(f"{group}: {label}", benchmark.extra_info.get("paired_ratio"), target)
         return result
 
     return run

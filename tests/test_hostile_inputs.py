@@ -31,14 +31,14 @@ def _one_thread():
 def test_malformed_json_array_names_file_and_line(tmp_path):
     bad = tmp_path / "forget.json"
     bad.write_text('[\n  {"question": "a", "answer": "b"},\n  {"question": "c", "answer": "d",}\n]\n')
-    with pytest.raises(DataError, match=r"forget.json: line 3: invalid JSON \(Expecting property name"):
+    with pytest.raises(DataError, match=r"forget.json: line 3: invalid JSON \(.+\)$"):  # our words; the parser's inside
         load_rows(bad, "forget")
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     bad = tmp_path / "retain.jsonl"
     bad.write_text(json.dumps(ROW) + "\n" + json.dumps(ROW) + "\n" + '{"question": "x", "answer": \n')
-    with pytest.raises(DataError, match=r"retain.jsonl: line 3: invalid JSON \(Expecting value at column 29\)"):
+    with pytest.raises(DataError, match=r"retain.jsonl: line 3: invalid JSON \(.+ at column 29\)$"):
         load_rows(bad, "retain")
 
 
