@@ -55,6 +55,7 @@ from nsru.distributed import (
     run_on_rank0,
     shard_model,
 )
+from nsru.frozen_prefix import FrozenPrefix
 from nsru.objectives import batch_counts
 from nsru.sampler import Stream, split
 from nsru.schedule import ScheduleError, check_resume, lr_scheduler, restore_scheduler
@@ -117,10 +118,12 @@ class Trainer:
             run_on_rank0(lambda: check_output_dir(self.output_dir, self._checkpoint_room()), OutputDirError)
         if getattr(config, "fsdp", False):
             shard_model(model, keep_whole=self.params.values())
-        if is_sharded(model) and getattr(ctx, "prefix", None) is not None:
+        if is_sharded(model):
             # The frozen-prefix cache calls the embeddings and lower blocks outside the root's
             # forward, where FSDP has not gathered them; run whole forwards instead.
             ctx.prefix = None
+        elif ctx.prefix is None and ctx.ref_model is None:
+            ctx.prefix = FrozenPrefix.find(model)  # adapters above a frozen bottom: run it once per sequence
         self.device = next(iter(self.params.values())).device
         decay, no_decay = [], []
         for name, p in self.params.items():

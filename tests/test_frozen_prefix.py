@@ -48,3 +48,15 @@ def test_no_prefix_when_the_bottom_layer_is_adapted_or_hidden_states_are_asked_f
     batch = QACollator(tok)([encode_qa(tok, r["question"], r["answer"]) for r in forget])
     out = prefix(batch["input_ids"], batch["attention_mask"], output_hidden_states=True)
     assert len(out.hidden_states) == 3 and prefix.computed == 0  # the full model ran
+
+
+def test_unlearn_with_a_layer_band_trains_through_the_prefix_cache(monkeypatch):
+    """The trainer installs the cache (LossContext only runs what it is given)."""
+    import nsru.frozen_prefix as fp
+
+    model, tok, forget, retain = trained_world_model()
+    calls = []
+    original = fp.FrozenPrefix.__call__
+    monkeypatch.setattr(fp.FrozenPrefix, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    nsru.unlearn(model, tok, forget, retain, steps=2, batch_size=2, layers="1", stats="retain", progress=False)
+    assert calls, "nsru.unlearn with adapters on layer 1 only never ran the frozen-prefix cache"
