@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from nsru.atomic import atomic_write
 from nsru.cache import cache_dir
@@ -123,6 +124,7 @@ def sample_self(
     cache: str | Path | None = None,
     batch_size: int = 16,
     temperature: float = 0.8,
+    progress: bool = False,
 ) -> list[dict]:
     """``n`` texts the model writes itself, as rows for the statistics.
 
@@ -131,7 +133,7 @@ def sample_self(
     leaves the caller's random state alone; results are cached as JSON under ``cache``
     (``$NSRU_CACHE/self-samples``) by the model's fingerprint and the sampling settings. Rows that
     name any of ``exclude`` (e.g. :func:`subjects_of` the forget rows) are dropped afterwards, so
-    fewer than ``n`` may come back.
+    fewer than ``n`` may come back. With ``progress`` a bar counts the samples while they are written.
     """
     if n <= 0:
         return []
@@ -150,19 +152,22 @@ def sample_self(
     if cached.item() == 1.0:
         rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
     else:
-        rows = _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, batch_size, temperature)
+        rows = _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, batch_size, temperature,
+                              progress)
         if dist_info()[0] == 0:
             atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1)
                                                           + "\n", encoding="utf-8"))
     return [r for r in rows if not _names_any(r.get("answer", r.get("text", "")), exclude)]
 
 
-def _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, batch_size, temperature) -> list[dict]:
+def _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, batch_size, temperature,
+                   progress) -> list[dict]:
     device = model_device(model)
     pad = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
     rows: list[dict] = []
+    bar = tqdm(total=n, desc="self-samples", unit="sample", disable=not progress, leave=False)
     try:
         # the model before training (adapters off: also skips their op on every generated token)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), adapter_disabled(model):
@@ -186,7 +191,9 @@ def _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, bat
                     text = text.strip()
                     if text:
                         rows.append({"question": prompt, "answer": text} if chat else {"text": text})
+                bar.update(len(chosen))
     finally:
+        bar.close()
         model.train(was_training)
     return rows
 
@@ -232,9 +239,10 @@ def stats_encodings(
     self_max_new_tokens: int = 64,
     seed: int = 0,
     cache: str | Path | None = None,
+    progress: bool = False,
 ) -> dict[str, list[dict]]:
     """The encodings of each source of the retain statistics, by source name; see the module
-    docstring for ``spec``."""
+    docstring for ``spec``. ``progress``: a bar while ``"self"`` samples are written."""
     if isinstance(spec, str) and spec == "auto":
         spec = ["retain", "self"] if retain_rows is not None else ["self"]
     sources = list(spec) if isinstance(spec, (list, tuple)) else [spec]
@@ -250,7 +258,7 @@ def stats_encodings(
         elif isinstance(source, str) and source == "self":
             name = "self"
             rows = sample_self(model, tokenizer, self_samples, max_new_tokens=self_max_new_tokens, seed=seed,
-                               exclude=subjects_of(forget_rows), cache=cache)
+                               exclude=subjects_of(forget_rows), cache=cache, progress=progress)
             if not rows:
                 raise ValueError("stats: 'self' produced no usable samples (all named a forget subject?)")
         else:
@@ -265,14 +273,17 @@ def describe(sources: Mapping[str, list[dict]]) -> dict[str, dict]:
     return {name: {"rows": len(enc), "tokens": sum(len(e["input_ids"]) for e in enc)} for name, enc in sources.items()}
 
 
-def collect_statistics(model: nn.Module, sources: Mapping[str, list[dict]], batches) -> tuple[SecondMoments, list]:
+def collect_statistics(model: nn.Module, sources: Mapping[str, list[dict]], batches,
+                       progress: bool = False) -> tuple[SecondMoments, list]:
     """The retain statistics of ``sources`` (each source's mean second moment weighing equally),
-    summed over the processes, and every source's batches (``batches(encodings)`` makes them)."""
+    summed over the processes, and every source's batches (``batches(encodings)`` makes them).
+    ``progress``: a bar per source, ``statistics (NAME)``, counting its batches."""
     combined: SecondMoments | None = None
     everything: list = []
-    for encodings in sources.values():
+    for name, encodings in sources.items():
         source_batches = batches(encodings)
-        moments = collect_second_moments(model, source_batches, progress=False).all_reduce().normalize_()
+        moments = collect_second_moments(model, source_batches, progress=progress,
+                                         desc=f"statistics ({Path(name).name})").all_reduce().normalize_()
         combined = moments if combined is None else combined.add_(moments)
         everything.extend(source_batches)
     for name in combined.names():

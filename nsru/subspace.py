@@ -120,12 +120,14 @@ def collect_second_moments(
     dtype: torch.dtype = torch.float32,
     into: SecondMoments | None = None,
     progress: bool = True,
+    desc: str = "retain statistics",
 ) -> SecondMoments:
     """Accumulate the input second moment of every adapted module over ``batches``.
 
     ``batches`` yields dicts for ``model(**batch)``; tokens where ``attention_mask`` is 0 are left
     out. Runs the model without gradients and with its adapters disabled, so the statistics
-    describe the original model. Pass ``into`` to add to statistics collected earlier.
+    describe the original model. Pass ``into`` to add to statistics collected earlier. With
+    ``progress`` a bar named ``desc`` counts the batches.
     """
     modules = dict(modules) if modules is not None else nsru_modules(model)
     if not modules:
@@ -176,7 +178,7 @@ def collect_second_moments(
         state["grouping"] = False
 
     hooks = {m: hook(n) for n, m in modules.items()}
-    _run_hooked(model, batches, hooks, "retain statistics", progress, before_forward, after_forward)
+    _run_hooked(model, batches, hooks, desc, progress, before_forward, after_forward)
     missing = [n for n in modules if n not in stats.groups]
     if missing:
         raise ValueError(
@@ -220,6 +222,7 @@ def leakage(
     batches: Iterable[Mapping],
     *,
     progress: bool = True,
+    desc: str = "leakage",
 ) -> dict[str, float]:
     """Per module, the mean over non-pad tokens of ``‖P⊥h‖² / ‖h‖²`` for its inputs ``h``.
 
@@ -250,5 +253,5 @@ def leakage(
         return pre_hook
 
     hooks = {m: hook(n, m) for n, m in layers.items()}
-    _run_hooked(model, batches, hooks, "leakage", progress, lambda batch: current.__setitem__("mask", batch.get("attention_mask")))
+    _run_hooked(model, batches, hooks, desc, progress, lambda batch: current.__setitem__("mask", batch.get("attention_mask")))
     return {n: totals[n] / counts[n] if counts[n] else float("nan") for n in layers}

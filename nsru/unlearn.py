@@ -197,13 +197,15 @@ def unlearn(
 
     bases_info: dict[str, dict] = {}
     stats_report: dict = {}
+    progress = cfg.progress and dist_info()[0] == 0  # the trainer's rule: bars on the first process only
     if adapters and cfg.project:
         sources = stats_encodings(
             cfg.stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
             max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
-            self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed)
+            self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed, progress=progress)
         stats_report = describe(sources)
-        moments, stat_batches = collect_statistics(model, sources, lambda enc: _stat_batches(enc, pad_id, device))
+        moments, stat_batches = collect_statistics(model, sources, lambda enc: _stat_batches(enc, pad_id, device),
+                                                   progress=progress)
         subspaces = retain_subspaces(moments, cfg.subspace_rule)
         del moments  # d² floats per module group: not kept through training
         set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
@@ -211,7 +213,8 @@ def unlearn(
         if retain_ex is not None and cfg.stats != "retain":
             leaks["leakage_retain"] = _stat_batches([e["retain"] for e in retain_ex], pad_id, device)
         leaks["leakage_forget"] = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
-        measured = {key: _mean_across_ranks(leakage(model, b, progress=False)) for key, b in leaks.items()}
+        measured = {key: _mean_across_ranks(leakage(model, b, progress=progress, desc=key.replace("_", " ")))
+                    for key, b in leaks.items()}
         for name, layer in adapters.items():
             bases_info[name] = {"k": layer.k, "in_features": layer.in_features, "capped": subspaces[name].capped,
                                 **{key: values[name] for key, values in measured.items()}}
@@ -225,7 +228,7 @@ def unlearn(
         forget_moments = None
         if cfg.init == "forget":
             fb = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
-            forget_moments = collect_second_moments(model, fb, progress=False).all_reduce()
+            forget_moments = collect_second_moments(model, fb, progress=progress, desc="forget statistics").all_reduce()
         init_info = init_adapters(adapters, cfg.init, seed=cfg.seed, forget_moments=forget_moments)
 
     ctx = LossContext(model, cfg, ref_model=ref_model)

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from nsru.bench.world import World, WorldConfig, format_mc, make_world
 from nsru.cache import cache_dir
 from nsru.data import IGNORE_INDEX, QACollator, encode_qa, encode_text
 from nsru.safe_targets import DEFAULT_TEMPLATES
+from nsru.threads import resolve_threads
 
 __all__ = [
     "ModelConfig",
@@ -248,13 +248,9 @@ def _length_grouped_batches(examples: list[dict], batch_size: int, gen: torch.Ge
 
 
 def default_threads() -> int:
-    """Threads for tiny-model training: ``$NSRU_THREADS``, else 1.
-
-    Matrices this small gain little from a second thread, and when the cores are busy with other
-    work two OpenMP threads spin on each other: measured on a loaded 2-core machine, a 0.5 M
-    model ran 13 steps/s on one thread and 0.25 steps/s on two.
-    """
-    return max(1, int(os.environ.get("NSRU_THREADS", "1")))
+    """Threads for the tiny models' training, unlearning and scoring: what every command uses
+    (:func:`nsru.threads.resolve_threads`: ``--threads``, ``$NSRU_THREADS``, ``$OMP_NUM_THREADS``, else 1)."""
+    return resolve_threads()
 
 
 def train_lm(model, examples: list[dict], tokenizer, train: TrainConfig, desc: str = "train", progress: bool = True,
