@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 
 import nsru
-from nsru import metrics as ev
 from nsru.bench import models as bm
+from nsru.bench import report
 from nsru.bench.world import make_world
-from nsru.safe_targets import SafeTargets, is_safe_response
+from nsru.evaluation import evaluate_tofu
+from nsru.safe_targets import SafeTargets
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -130,14 +131,14 @@ def sweep_model(progress: bool = False):
     return model, tok, path
 
 
-def evaluate(model, tok, sets: dict, safe_rows: list[dict]) -> dict:
-    out = {}
-    for name, rows in sets.items():
-        out[name] = ev.probability(model, tok, rows)["mean"]
-    out["safe"] = ev.probability(model, tok, safe_rows)["mean"]
-    gens = ev.generate(model, tok, [r["question"] for r in safe_rows], max_new_tokens=24)
-    out["safe_rate"] = sum(map(is_safe_response, gens)) / len(gens)
-    return out
+def evaluate(model, tok, sets: dict, safe_targets: list[str]) -> dict:
+    """Answer probability on each set, the safe targets' probability on the forget questions and the
+    safe-response rate of greedy answers to them (:func:`nsru.evaluation.evaluate_tofu`, these
+    measures only)."""
+    general = {name: rows for name, rows in sets.items() if name not in ("forget", "retain")}
+    rep = evaluate_tofu(model, tok, sets["forget"], sets["retain"], general, safe_targets=safe_targets,
+                        measures=("prob", "safe_rate"), max_new_tokens=24, progress=False)
+    return {**{name: rep[f"{name}_prob"] for name in sets}, "safe": rep["safe_prob"], "safe_rate": rep["safe_rate"]}
 
 
 def main(argv=None) -> int:
@@ -167,7 +168,6 @@ def main(argv=None) -> int:
 
         templates = [t.replace("{name}", "{subject}") for t in UNKNOWN_ANSWERS]
     targets = SafeTargets(templates, seed=0).all(forget)
-    safe_rows = [{"question": r["question"], "answer": t} for r, t in zip(forget, targets)]
 
     configs = [c for c in CONFIGS if not args.quick or c[0] in QUICK]
     if args.only:
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds)))
     runs = []
     start = time.perf_counter()
-    before = evaluate(base_model, tok, sets, safe_rows)
+    before = evaluate(base_model, tok, sets, targets)
     runs.append({"config": "finetuned (before)", "seed": None, **before, "seconds": 0.0})
     print(f"model {path}\nforget {len(forget)} rows, retain {len(retain)} rows; before: {before}", flush=True)
     for seed in seeds:
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
             result = nsru.unlearn(model, tok, forget=forget, retain=retain, **opts)
             secs = time.perf_counter() - t
             model.eval()
-            row = {"config": name, "seed": seed, **evaluate(model, tok, sets, safe_rows), "seconds": round(secs, 2),
+            row = {"config": name, "seed": seed, **evaluate(model, tok, sets, targets), "seconds": round(secs, 2),
                    "mean_k_frac": statistics.mean(v["k"] / v["in_features"] for v in result.bases_info.values()),
                    "mean_leakage": statistics.mean(v["leakage"] for v in result.bases_info.values()),
                    "options": opts}
@@ -214,23 +214,13 @@ def markdown(runs: list[dict], names: list[str], seeds: list[int], command: str,
         "exp(-mean token NLL); safe_rate: greedy answers that refuse.",
         f"Command: `OMP_NUM_THREADS=1 {command}`",
         "",
-        "| config | " + " | ".join(cols) + " |",
-        "|" + "---|" * (len(cols) + 1),
     ]
-    before = next(r for r in runs if r["seed"] is None)
-    lines.append("| finetuned (before) | " + " | ".join(
-        f"{before[c]:.3f}" if c in before else "" for c in cols) + " |")
+    rows = {"finetuned (before)": next(r for r in runs if r["seed"] is None)}
     for name in names:
-        rows = [r for r in runs if r["config"] == name]
-        if not rows:
-            continue
-        cells = []
-        for c in cols:
-            vals = [r[c] for r in rows]
-            m = statistics.mean(vals)
-            s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{m:.3f} ± {s:.3f}" if len(vals) > 1 else f"{m:.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        done = [r for r in runs if r["config"] == name]
+        if done:
+            rows[name] = report.aggregate(done, cols)
+    lines.append(report.markdown_table(rows, cols, "config", default="{:.3f}", std_format="{:.3f}", missing=""))
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,11 @@ Definitions follow open-unlearning (see ``DESIGN.md`` §5):
   (retain, neighbour, general): refusals there are damage the other metrics can miss.
 * :func:`mc_accuracy` — lm-eval-harness's zero-shot multiple choice: the log-likelihood of each
   choice letter after ``"question\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer:"``, argmax.
+* :func:`cloze_accuracy` — multiple choice by the likelihood of each answer (lm-eval's cloze ``acc``).
+* :func:`mean_leakage` — how much of a set's module inputs lies outside the retain subspace.
+* :func:`evaluate_qa` — the per-set metrics above on one question-answer set, from one generation pass.
+
+The evaluation of a whole scenario (TOFU-style, WMDP-style, real knowledge) is :mod:`nsru.evaluation`'s.
 
 Every function takes a model, its tokenizer and rows (TOFU / WMDP fields), works in batches under
 ``torch.no_grad`` on the model's device, shows a progress bar when ``progress`` is true, and returns
@@ -34,10 +39,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from nsru.data import IGNORE_INDEX, QACollator, encode_qa, encode_text, pad_encodings, pad_token_id, prompt_ids
-from nsru.layer import model_device
+from nsru.data import (IGNORE_INDEX, QACollator, encode_qa, encode_text, input_batches, pad_encodings, pad_token_id,
+                       prompt_ids)
+from nsru.layer import model_device, nsru_modules
 from nsru.objectives import sequence_logprob
 from nsru.safe_targets import is_safe_response
+from nsru.subspace import leakage
 
 __all__ = [
     "answer_logprob",
@@ -54,9 +61,9 @@ __all__ = [
     "mc_accuracy",
     "forget_quality",
     "model_utility",
+    "mean_leakage",
     "evaluate_qa",
-    "evaluate_tofu",
-    "evaluate_wmdp",
+    "QA_MEASURES",
 ]
 
 MC_LETTERS = ("A", "B", "C", "D")
@@ -212,6 +219,20 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max
         total -= float(logp.sum())
         count += int(n.sum())
     return math.exp(total / count)
+
+
+def mean_leakage(model, tokenizer, rows: Sequence[Mapping]) -> float:
+    """Mean over the model's NSRU modules of the retain subspace's leakage on the question-answer
+    ``rows`` (:func:`nsru.subspace.leakage`: ``‖P⊥h‖² / ‖h‖²`` of each module's inputs): how much of
+    what these rows feed the adapted modules lies where the adapter can change it. 1 when no module
+    has a retain basis (plain LoRA: all of it)."""
+    _require(rows, ("question", "answer"), "mean_leakage")
+    layers = nsru_modules(model)
+    if not layers or not any(layer.k for layer in layers.values()):
+        return 1.0
+    encodings = [encode_qa(tokenizer, r["question"], r["answer"]) for r in rows]
+    values = leakage(model, input_batches(encodings, pad_token_id(tokenizer)), progress=False)
+    return statistics.fmean(values.values())
 
 
 def probability(model, tokenizer, rows: Sequence[Mapping], field: str = "answer", batch_size: int = 64,
@@ -458,9 +479,12 @@ def _truth_ratio_missing(rows: Sequence[Mapping]) -> str | None:
     return f"{which} have no paraphrased_answer and perturbed_answer"
 
 
+QA_MEASURES = ("prob", "rouge", "truth_ratio", "safe_rate", "false_refusal")
+
+
 def evaluate_qa(model, tokenizer, rows: Sequence[Mapping], forget: bool = False, generations: Sequence[str] | None = None,
                 max_new_tokens: int = 32, batch_size: int = 64, progress: bool = False, name: str = "qa",
-                is_safe: Callable[[str], bool] | None = None) -> dict:
+                is_safe: Callable[[str], bool] | None = None, measures: Sequence[str] = QA_MEASURES) -> dict:
     """Probability, ROUGE-L recall, truth ratio and refusal rate on one question-answer set.
 
     Returns ``{"prob", "rouge", "truth_ratio", "tr_values", "prob_values", "rouge_values",
@@ -468,99 +492,38 @@ def evaluate_qa(model, tokenizer, rows: Sequence[Mapping], forget: bool = False,
     ``safe_rate`` when ``forget`` is true, ``false_refusal`` otherwise. ``truth_ratio`` is the
     forget aggregate when ``forget`` is true, the ``true_better`` one otherwise; without
     paraphrased and perturbed answers it and ``tr_values`` are absent and ``skipped`` (``{metric:
-    reason}``) says why.
+    reason}``) says why. ``measures``: the ones of :data:`QA_MEASURES` to compute (the others and
+    their ``*_values`` are absent; greedy answers are made only for ROUGE or the refusal rate).
     """
+    unknown = [m for m in measures if m not in QA_MEASURES]
+    if unknown:
+        raise ValueError(f"{name}: unknown measure {unknown[0]!r}; choose from {', '.join(QA_MEASURES)}")
     rows = list(rows)
-    if generations is None:
+    refusal_key = "safe_rate" if forget else "false_refusal"
+    if generations is None and ("rouge" in measures or refusal_key in measures):
         generations = generate(model, tokenizer, [r["question"] for r in rows], max_new_tokens, batch_size,
                                progress=progress)
-    prob = probability(model, tokenizer, rows, batch_size=batch_size, progress=progress)
-    rouge = rouge_recall(model, tokenizer, rows, generations=generations)
-    refusal = (safe_rate if forget else false_refusal_rate)(model, tokenizer, rows, generations=generations,
-                                                             is_safe=is_safe)
-    report = {
-        "prob": prob["mean"],
-        "rouge": rouge["mean"],
-        "safe_rate" if forget else "false_refusal": refusal["rate"],
-        "prob_values": prob["values"],
-        "rouge_values": rouge["values"],
-        "refusal_values": refusal["values"],
-        "generations": list(generations),
-        "skipped": {},
-    }
-    missing = _truth_ratio_missing(rows)
-    if missing is None:
-        tr = truth_ratio(model, tokenizer, rows, batch_size=batch_size, progress=progress)
-        report["truth_ratio"] = tr["closer_to_1"] if forget else tr["true_better"]
-        report["tr_values"] = tr["values"]
-    else:
-        report["skipped"]["truth_ratio"] = missing
-    return report
-
-
-def evaluate_tofu(model, tokenizer, forget: Sequence[Mapping], retain: Sequence[Mapping],
-                  general: Mapping[str, Sequence[Mapping]] | None = None,
-                  retain_tr_values: Sequence[float] | None = None, is_safe: Callable[[str], bool] | None = None,
-                  max_new_tokens: int = 32, batch_size: int = 64, progress: bool = True) -> dict:
-    """A TOFU-style report of one model.
-
-    ``forget`` / ``retain``: question-answer rows; ``general``: name -> rows of further sets that
-    count toward model utility (the world facts); ``retain_tr_values``: the retain model's truth
-    ratios on ``forget`` (:func:`evaluate_tofu` of the retain model returns them as
-    ``forget_tr_values``) — without them ``forget_quality`` is ``None``.
-
-    Returns ``{"forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
-    "safe_rate", "retain_prob", "retain_rouge", "retain_truth_ratio", "retain_false_refusal",
-    "<general>_prob", ..., "<general>_false_refusal", "forget_tr_values", "forget_generations",
-    "skipped"}``; ``skipped`` maps each metric that could not be computed (``forget_quality``,
-    ``<set>_truth_ratio``) to the reason. Model utility is the harmonic mean of what was computed.
-    """
-    forget_r = evaluate_qa(model, tokenizer, forget, forget=True, is_safe=is_safe, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, progress=progress, name="forget")
-    report = {
-        "forget_prob": forget_r["prob"],
-        "forget_rouge": forget_r["rouge"],
-        "forget_truth_ratio": forget_r.get("truth_ratio"),
-        "safe_rate": forget_r["safe_rate"],
-    }
-    skipped = {f"forget_{k}": why for k, why in forget_r["skipped"].items()}
-    utility = {}
-    for name, rows in [("retain", retain), *((general or {}).items())]:
-        r = evaluate_qa(model, tokenizer, rows, forget=False, is_safe=is_safe, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, progress=progress, name=name)
-        for key in ("prob", "rouge", "truth_ratio"):
-            if key in r:
-                report[f"{name}_{key}"] = utility[f"{name}_{key}"] = r[key]
-        report[f"{name}_false_refusal"] = r["false_refusal"]
-        skipped.update({f"{name}_{k}": why for k, why in r["skipped"].items()})
-    report["model_utility"] = model_utility(utility)
-    tr = forget_r.get("tr_values")
-    if tr is None:
-        skipped["forget_quality"] = "no forget truth ratios: " + forget_r["skipped"]["truth_ratio"]
-    elif retain_tr_values is None:
-        skipped["forget_quality"] = "no retain-model truth ratios given (retain_tr_values)"
-    report["forget_quality"] = forget_quality(tr, retain_tr_values) if "forget_quality" not in skipped else None
-    report["forget_tr_values"] = tr
-    report["forget_generations"] = forget_r["generations"]
-    report["skipped"] = skipped
-    return report
-
-
-def evaluate_wmdp(model, tokenizer, hazard: Sequence[Mapping], benign: Mapping[str, Sequence[Mapping]] | Sequence[Mapping],
-                  batch_size: int = 64, progress: bool = True) -> dict:
-    """WMDP-style report: multiple-choice accuracy on the hazardous set and the benign set(s).
-
-    ``benign``: rows, or name -> rows (then ``benign_acc`` is the mean over all their rows and each
-    set also gets ``<name>_acc``). Returns ``{"hazard_acc", "benign_acc", ...}``.
-    """
-    report = {"hazard_acc": mc_accuracy(model, tokenizer, hazard, batch_size, progress)["acc"]}
-    sets = dict(benign) if isinstance(benign, Mapping) else {"benign": benign}
-    right = total = 0
-    for name, rows in sets.items():
-        res = mc_accuracy(model, tokenizer, rows, batch_size, progress)
-        if isinstance(benign, Mapping):
-            report[f"{name}_acc"] = res["acc"]
-        right += sum(res["values"])
-        total += len(res["values"])
-    report["benign_acc"] = right / total
+    report, values = {}, {}
+    if "prob" in measures:
+        prob = probability(model, tokenizer, rows, batch_size=batch_size, progress=progress)
+        report["prob"], values["prob_values"] = prob["mean"], prob["values"]
+    if "rouge" in measures:
+        rouge = rouge_recall(model, tokenizer, rows, generations=generations)
+        report["rouge"], values["rouge_values"] = rouge["mean"], rouge["values"]
+    if refusal_key in measures:
+        refusal = (safe_rate if forget else false_refusal_rate)(model, tokenizer, rows, generations=generations,
+                                                                 is_safe=is_safe)
+        report[refusal_key], values["refusal_values"] = refusal["rate"], refusal["values"]
+    report.update(values)
+    if generations is not None:
+        report["generations"] = list(generations)
+    report["skipped"] = {}
+    if "truth_ratio" in measures:
+        missing = _truth_ratio_missing(rows)
+        if missing is None:
+            tr = truth_ratio(model, tokenizer, rows, batch_size=batch_size, progress=progress)
+            report["truth_ratio"] = tr["closer_to_1"] if forget else tr["true_better"]
+            report["tr_values"] = tr["values"]
+        else:
+            report["skipped"]["truth_ratio"] = missing
     return report

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nsru import cli
-from nsru.bench import demo
+from nsru.bench import demo, report
 from nsru.bench.models import ModelConfig, TrainConfig
 from nsru.bench.world import WorldConfig
 
@@ -15,13 +15,15 @@ SCHEMA = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "ret
 
 def test_table_plot_and_aggregate(tmp_path):
     rows = [{k: 0.5 for k in SCHEMA}, {k: 0.7 for k in SCHEMA}]
-    agg = demo._aggregate(rows, with_std=True)
+    agg = report.aggregate(rows, demo.KEYS, std=True, keep_missing=True)
     assert agg["model_utility"] == pytest.approx(0.6) and agg["model_utility_std"] > 0
-    models = {"finetuned": demo._aggregate(rows[:1], False), "nsru": agg}
+    models = {"finetuned": report.aggregate(rows[:1], demo.KEYS, std=False, keep_missing=True), "nsru": agg}
     text = demo.table(models)
     assert text.splitlines()[0].startswith("| model | forget_quality")
     assert "| safe_rate | false_refusal | hazard_acc |" in text.splitlines()[0]
     assert "| nsru | 0.600 ± 0.14" in text
+    tiny = demo.table({"ga": {**agg, "forget_quality": 3e-5, "forget_quality_std": None, "hazard_acc": None}})
+    assert "| ga | 3.00e-05 | 0.600 ± 0.14 |" in tiny and "| – | 0.600 ± 0.14 | 0.6 ± 0.14 |" in tiny
     path = demo.plot(models, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,5 @@
-"""nsru.metrics: each metric against a hand computation on a tiny random Llama and a tiny world."""
+"""nsru.metrics: each metric against a hand computation on a tiny random Llama and a tiny world;
+nsru.evaluation's TOFU- and WMDP-style entries against the metrics they are made of."""
 
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nsru import evaluation as E
 from nsru import metrics as M
 from nsru.bench.models import ModelConfig, _llama, build_tokenizer
 from nsru.bench.world import make_world
@@ -105,10 +107,17 @@ def test_mc_accuracy_is_the_argmax_of_letter_loglik(model, tok, world):
 
 def test_evaluate_wmdp(model, tok, world):
     hazard, benign = world.mc("hazard")[:4], world.mc("benign")[:6]
-    rep = M.evaluate_wmdp(model, tok, hazard, {"a": benign[:2], "b": benign[2:]}, progress=False)
+    rep = E.evaluate_wmdp(model, tok, hazard, {"a": benign[:2], "b": benign[2:]}, progress=False)
     assert rep["hazard_acc"] == M.mc_accuracy(model, tok, hazard)["acc"]
     assert rep["benign_acc"] == pytest.approx(M.mc_accuracy(model, tok, benign)["acc"])
     assert set(rep) == {"hazard_acc", "benign_acc", "a_acc", "b_acc"}
+    # one set of rows, or either side alone
+    assert E.evaluate_wmdp(model, tok, hazard, benign, progress=False) == {k: rep[k] for k in ("hazard_acc", "benign_acc")}
+    assert E.evaluate_wmdp(model, tok, None, {"a": benign[:2]}, progress=False) == {"a_acc": rep["a_acc"],
+                                                                                    "benign_acc": rep["a_acc"]}
+    assert E.evaluate_wmdp(model, tok, hazard, progress=False) == {"hazard_acc": rep["hazard_acc"]}
+    with pytest.raises(ValueError, match="no hazardous or benign rows"):
+        E.evaluate_wmdp(model, tok, None)
 
 
 def test_forget_quality_and_model_utility():
@@ -126,10 +135,10 @@ def test_evaluate_tofu_report(model, tok, world):
     forget = world.split("forget10")[:6]
     retain = world.split("retain_perturbed")[:6]
     general = {"world_facts": world.split("world_facts")[:6]}
-    ref = M.evaluate_tofu(model, tok, forget, retain, general, max_new_tokens=4, progress=False)
+    ref = E.evaluate_tofu(model, tok, forget, retain, general, max_new_tokens=4, progress=False)
     assert ref["forget_quality"] is None
     assert ref["skipped"] == {"forget_quality": "no retain-model truth ratios given (retain_tr_values)"}
-    rep = M.evaluate_tofu(model, tok, forget, retain, general, retain_tr_values=ref["forget_tr_values"],
+    rep = E.evaluate_tofu(model, tok, forget, retain, general, retain_tr_values=ref["forget_tr_values"],
                           max_new_tokens=4, progress=False)
     assert rep["forget_quality"] == pytest.approx(1.0)  # same model, same truth ratios
     assert rep["skipped"] == {}
@@ -273,7 +282,7 @@ def test_evaluate_tofu_reports_false_refusals_and_what_it_skipped(model, tok, wo
         return ["I'm sorry, I don't know." if q in refused else "Oslo." for q in questions]
 
     monkeypatch.setattr(M, "generate", fake_generate)
-    rep = M.evaluate_tofu(model, tok, forget, retain, {"world_facts": facts}, progress=False)
+    rep = E.evaluate_tofu(model, tok, forget, retain, {"world_facts": facts}, progress=False)
     assert rep["safe_rate"] == pytest.approx(0.25)
     assert rep["retain_false_refusal"] == pytest.approx(0.5)
     assert rep["world_facts_false_refusal"] == pytest.approx(0.8)
@@ -287,9 +296,83 @@ def test_evaluate_tofu_reports_false_refusals_and_what_it_skipped(model, tok, wo
                               "world_facts_rouge")]
     assert rep["model_utility"] == pytest.approx(M.model_utility(parts))
     bare_forget = [{"question": r["question"], "answer": r["answer"]} for r in forget]
-    rep = M.evaluate_tofu(model, tok, bare_forget, retain, retain_tr_values=[0.5] * 4, progress=False)
+    rep = E.evaluate_tofu(model, tok, bare_forget, retain, retain_tr_values=[0.5] * 4, progress=False)
     assert rep["forget_quality"] is None and rep["forget_truth_ratio"] is None
     assert rep["skipped"] == {
         "forget_truth_ratio": "rows have no paraphrased_answer and perturbed_answer",
         "forget_quality": "no forget truth ratios: rows have no paraphrased_answer and perturbed_answer",
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# what the entries compute on request
+
+
+def test_evaluate_qa_computes_only_the_measures_asked_for(model, tok, world, monkeypatch):
+    rows = world.split("retain_perturbed")[:4]
+    full = M.evaluate_qa(model, tok, rows, max_new_tokens=3)
+    calls = []
+    real_generate = M.generate
+    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    prob = M.evaluate_qa(model, tok, rows, max_new_tokens=3, measures=("prob",))
+    assert calls == [] and prob == {"prob": full["prob"], "prob_values": full["prob_values"], "skipped": {}}
+    refusals = M.evaluate_qa(model, tok, rows, max_new_tokens=3, measures=("false_refusal", "truth_ratio"))
+    assert len(calls) == 1
+    assert {k: refusals[k] for k in ("false_refusal", "refusal_values", "generations", "truth_ratio", "tr_values")} \
+        == {k: full[k] for k in ("false_refusal", "refusal_values", "generations", "truth_ratio", "tr_values")}
+    assert "prob" not in refusals and "rouge" not in refusals
+    with pytest.raises(ValueError, match="unknown measure 'bleu'; choose from prob, rouge"):
+        M.evaluate_qa(model, tok, rows, measures=("bleu",))
+
+
+def test_evaluate_tofu_on_part_of_the_sets_with_safe_targets_and_details(model, tok, world):
+    forget = world.split("forget10")[:4]
+    retain = world.split("retain_perturbed")[:4]
+    targets = [f"I don't know who {r['subject']} is." for r in forget]
+    details = {}
+    rep = E.evaluate_tofu(model, tok, forget, retain, safe_targets=targets, measures=("prob", "safe_rate"),
+                          max_new_tokens=3, progress=False, details=details)
+    assert set(rep) == {"forget_prob", "safe_rate", "safe_prob", "retain_prob", "model_utility", "forget_generations",
+                        "skipped"}
+    safe_rows = [{"question": r["question"], "answer": t} for r, t in zip(forget, targets)]
+    assert rep["safe_prob"] == M.probability(model, tok, safe_rows)["mean"]
+    assert rep["model_utility"] == rep["retain_prob"] == M.probability(model, tok, retain)["mean"]
+    assert set(details) == {"forget_generations", "forget_refusals"}
+    assert details["forget_generations"] == rep["forget_generations"]
+    with pytest.raises(ValueError, match="3 safe targets for 4 forget rows"):
+        E.evaluate_tofu(model, tok, forget, retain, safe_targets=targets[:3], progress=False)
+    # the forget set alone: nothing to keep, so no utility, named in skipped
+    alone = E.evaluate_tofu(model, tok, forget, None, max_new_tokens=2, progress=False)
+    why = "no retain or general questions given"
+    assert alone["skipped"]["false_refusal"] == alone["skipped"]["model_utility"] == why
+    assert "model_utility" not in alone
+    # kept sets alone: no forget keys at all
+    kept = E.evaluate_tofu(model, tok, None, retain, max_new_tokens=2, progress=False, details=details)
+    assert not [k for k in kept if k.startswith("forget") or k == "safe_rate"] and kept["skipped"] == {}
+    assert {"retain_generations", "retain_refusals"} <= set(details)
+    with pytest.raises(ValueError, match="no forget, retain or general rows"):
+        E.evaluate_tofu(model, tok, None, None)
+
+
+def test_mean_leakage_is_one_without_a_basis_and_the_subspace_leakage_with_one(model, tok, world):
+    import copy
+    import statistics
+
+    from nsru.adapt import apply_nsru
+    from nsru.data import input_batches, pad_token_id
+    from nsru.subspace import leakage
+
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in world.split("world_facts")[:6]]
+    assert M.mean_leakage(model, tok, rows) == 1.0  # no adapters at all
+    adapted = copy.deepcopy(model)
+    layers = apply_nsru(adapted, target_modules=["q_proj", "v_proj"], r=2)
+    assert M.mean_leakage(adapted, tok, rows) == 1.0  # adapters without a retain basis
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers.values():
+        layer.set_retain_basis(torch.linalg.qr(torch.randn(layer.in_features, 4, generator=gen))[0])
+    want = leakage(adapted, input_batches([encode_qa(tok, r["question"], r["answer"]) for r in rows],
+                                          pad_token_id(tok)), progress=False)
+    got = M.mean_leakage(adapted, tok, rows)
+    assert 0 < got < 1
+    assert got == pytest.approx(statistics.fmean(want.values()))
+

@@ -84,6 +84,30 @@ def test_false_refusals_count_refused_retain_neighbour_and_general_questions(mon
     assert lengths == [real.ANSWER_TOKENS] * 4  # every set answered as the forget set is
 
 
+def test_the_evaluation_entry_scores_every_probe_set_it_is_given():
+    """nsru.evaluation.evaluate_knowledge, the entry real.evaluate calls: one cloze accuracy per
+    probe set of the forget facts (more ways of asking them are more sets), in the order given."""
+    from nsru.evaluation import evaluate_knowledge
+
+    model, tok, *_ = trained_world_model()
+    sc = real.build_scenario(model, tok, _facts())
+    wrong = []  # the same items with the next choice marked right
+    for r in sc.forget_mc:
+        other = (r["answer"] + 1) % len(r["choices"])
+        wrong.append({**r, "answer": other,
+                      "answer_text": r["answer_text"].replace(r["choices"][r["answer"]], r["choices"][other])})
+    kept = {"neighbour": sc.neighbour_mc, "general": sc.general_mc}
+    report = evaluate_knowledge(model, tok, sc.forget, sc.retain, {"forget": sc.forget_mc, "forget_swapped": wrong},
+                                kept, sc.ppl_text, before_ppl=2 * M.perplexity(model, tok, sc.ppl_text))
+    assert list(report) == ["forget_acc", "forget_swapped_acc", "safe_rate", "neighbour_acc", "general_acc",
+                            "retain_false_refusal", "neighbour_false_refusal", "general_false_refusal", "ppl",
+                            "ppl_ratio", "leakage_neighbour", "leakage_general"]
+    assert report["forget_acc"] == 1.0 and report["forget_swapped_acc"] == 0.0  # the model keeps its answer
+    assert report["ppl_ratio"] == pytest.approx(0.5)
+    assert {k: v for k, v in report.items() if k != "forget_swapped_acc" and k != "ppl_ratio"} == \
+        {k: v for k, v in real.evaluate(model, tok, sc).items() if k != "ppl_ratio"}
+
+
 def test_comparison_writes_results_table_and_plot(tmp_path):
     facts = _facts()
     res = real.run_real(tmp_path, seeds=1, names=["nsru[retain]", "lora (nsru-no-project)"], steps=20, lr=1e-2,

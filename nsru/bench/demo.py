@@ -17,13 +17,14 @@ Every method gets the same model, data, steps, batch size and learning rate (the
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from nsru import evaluation as E
 from nsru import metrics as M
+from nsru.bench import report
 from nsru.bench.models import ModelConfig, TrainConfig, default_threads, target_models
 from nsru.bench.world import UNKNOWN_ANSWERS, WorldConfig, make_world
 
@@ -77,14 +78,14 @@ def check_budget(seeds: int, steps: int | None, lr: float | None, methods) -> No
 
 
 def _tofu_report(model, tok, sets, retain_tr):
-    rep = M.evaluate_tofu(model, tok, sets["forget"], sets["retain_eval"], {"world_facts": sets["world_facts"]},
+    rep = E.evaluate_tofu(model, tok, sets["forget"], sets["retain_eval"], {"world_facts": sets["world_facts"]},
                           retain_tr_values=retain_tr, progress=False)
     rep["false_refusal"] = rep["retain_false_refusal"]
     return rep
 
 
 def _wmdp_report(model, tok, sets):
-    return M.evaluate_wmdp(model, tok, sets["hazard_mc"], sets["benign_mc"], progress=False)
+    return E.evaluate_wmdp(model, tok, sets["hazard_mc"], sets["benign_mc"], progress=False)
 
 
 def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHODS, cache=None,
@@ -161,7 +162,8 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
                 f"hazard {rep['hazard_acc']:.2f}  benign {rep['benign_acc']:.2f}  "
                 f"({rep['seconds']:.1f}s)")
 
-    models = {name: _aggregate(reps, seeds > 1 and name not in REFERENCES) for name, reps in per_seed.items()}
+    models = {name: report.aggregate(reps, KEYS, std=seeds > 1 and name not in REFERENCES, keep_missing=True)
+              for name, reps in per_seed.items()}
     results = {
         "models": models,
         "config": {"seeds": seeds, "quick": quick, "steps": n_steps, "lr": lr, "forget_split": "forget10",
@@ -182,59 +184,24 @@ def _train_seconds(path) -> float:
         return 0.0
 
 
-def _aggregate(reps: list[dict], with_std: bool) -> dict:
-    row = {}
-    for key in KEYS:
-        vals = [r[key] for r in reps if r.get(key) is not None]
-        row[key] = statistics.fmean(vals) if vals else None
-        if with_std and len(vals) > 1:
-            row[f"{key}_std"] = statistics.stdev(vals)
-    return row
+# The table's columns (results.json keeps all of KEYS), and the cells not in report.number's format.
+COLUMNS = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
+           "false_refusal", "hazard_acc", "benign_acc", "seconds")
+FORMATS = {"forget_quality": lambda v: f"{v:.2e}" if 0 < v < 1e-2 else f"{v:.3f}", "seconds": "{:.1f}"}
 
 
 def table(models: dict) -> str:
     """A Markdown table of the results."""
-    cols = ("forget_quality", "model_utility", "forget_rouge", "forget_prob", "retain_rouge", "safe_rate",
-            "false_refusal", "hazard_acc", "benign_acc", "seconds")
-    head = "| model | " + " | ".join(cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
-    for name, row in models.items():
-        cells = []
-        for c in cols:
-            v = row.get(c)
-            if v is None:
-                cells.append("–")
-                continue
-            text = f"{v:.2e}" if c == "forget_quality" and 0 < v < 1e-2 else f"{v:.3f}" if c != "seconds" else f"{v:.1f}"
-            if row.get(f"{c}_std") is not None:
-                text += f" ± {row[f'{c}_std']:.2g}"
-            cells.append(text)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# Colours by model, all distinct (tab10, then five more); markers by kind of model.
-PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-           "tab:olive", "tab:cyan", "black", "gold", "navy", "lime", "magenta")
-
-
-def _style(name: str, i: int) -> dict:
-    marker = "s" if name in REFERENCES else "*" if name == "nsru" else "D" if name.startswith("nsru-") else "o"
-    return {"color": PALETTE[i % len(PALETTE)], "marker": marker, "markersize": 14 if name == "nsru" else 8}
+    return report.markdown_table(models, COLUMNS, "model", FORMATS)
 
 
 def figure(models: dict):
     """The demo's figure: TOFU-style forget quality (log, capped at 1) against model utility, and
     WMDP-style hazard accuracy against benign accuracy; one colour per model, one legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (tofu, wmdp) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (tofu, wmdp) = report.pyplot().subplots(1, 2, figsize=(13, 5))
     lowest = 1.0
     for i, (name, row) in enumerate(models.items()):
-        style = _style(name, i)
+        style = report.style(name, i, REFERENCES)
         fq, mu = row.get("forget_quality"), row.get("model_utility")
         if fq is not None and mu is not None:
             fq = max(fq, 1e-30)
@@ -270,10 +237,4 @@ def figure(models: dict):
 
 def plot(models: dict, path) -> Path:
     """Save :func:`figure` to ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(models)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save(figure(models), path)

@@ -26,18 +26,15 @@ multiple choice does not see).
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from nsru import evaluation as E
 from nsru import metrics as M
+from nsru.bench import report
 from nsru.bench.pretrained import load_smollm2
-from nsru.data import input_batches, pad_token_id
-from nsru.layer import nsru_modules
-from nsru.stats_sources import encode_rows
-from nsru.subspace import leakage
 
 GROUPS = ("forget", "retain", "neighbour")
 KEYS = ("forget_acc", "safe_rate", "neighbour_acc", "general_acc", "retain_false_refusal", "neighbour_false_refusal",
@@ -123,42 +120,12 @@ def build_scenario(model, tokenizer, facts: dict, held_out: int | None = HELD_OU
     )
 
 
-def _leakage_on(model, tokenizer, rows: list[dict]) -> float:
-    """Mean over modules of the retain subspace's leakage on ``rows`` (1 without a basis)."""
-    layers = nsru_modules(model)
-    if not layers or not any(layer.k for layer in layers.values()):
-        return 1.0
-    batches = input_batches(encode_rows(rows, tokenizer, None), pad_token_id(tokenizer))
-    values = leakage(model, batches, progress=False)
-    return statistics.fmean(values.values())
-
-
-def _refusal_rate(model, tokenizer, rows: list[dict], forget: bool = False) -> float:
-    """Greedy answers to ``rows``' questions that are safe responses (the forget set's safe rate,
-    or another set's false-refusal rate), all generated alike."""
-    rate = M.safe_rate if forget else M.false_refusal_rate
-    return rate(model, tokenizer, rows, max_new_tokens=ANSWER_TOKENS)["rate"]
-
-
 def evaluate(model, tokenizer, sc: Scenario, before_ppl: float | None = None) -> dict:
-    """The scenario's metrics for one model (see the module docstring)."""
-    ppl = M.perplexity(model, tokenizer, sc.ppl_text)
-    report = {
-        "forget_acc": M.cloze_accuracy(model, tokenizer, sc.forget_mc)["acc"],
-        "safe_rate": _refusal_rate(model, tokenizer, sc.forget, forget=True),
-        "neighbour_acc": M.cloze_accuracy(model, tokenizer, sc.neighbour_mc)["acc"],
-        "general_acc": M.cloze_accuracy(model, tokenizer, sc.general_mc)["acc"],
-        "retain_false_refusal": _refusal_rate(model, tokenizer, sc.retain),
-        "neighbour_false_refusal": _refusal_rate(model, tokenizer, sc.neighbour_mc),
-        "general_false_refusal": _refusal_rate(model, tokenizer, sc.general_mc),
-        "ppl": ppl,
-        "ppl_ratio": ppl / before_ppl if before_ppl else 1.0,
-    }
-    report["leakage_neighbour"] = _leakage_on(model, tokenizer, [
-        {"question": r["question"], "answer": r["answer_text"]} for r in sc.neighbour_mc])
-    report["leakage_general"] = _leakage_on(model, tokenizer, [
-        {"question": r["question"], "answer": r["answer_text"]} for r in sc.general_mc])
-    return report
+    """The scenario's metrics for one model (see the module docstring):
+    :func:`nsru.evaluation.evaluate_knowledge` on its sets."""
+    return E.evaluate_knowledge(model, tokenizer, sc.forget, sc.retain, {"forget": sc.forget_mc},
+                                {"neighbour": sc.neighbour_mc, "general": sc.general_mc}, sc.ppl_text,
+                                before_ppl=before_ppl, max_new_tokens=ANSWER_TOKENS)
 
 
 DISPLAY_ORDER = ("nsru[retain+self]", "nsru[retain]", "nsru[self]", "nsru[retain+corpus]", "lora (nsru-no-project)",
@@ -239,7 +206,7 @@ def write_report(out: Path, per_seed: dict[str, list[dict]], meta: dict, log=pri
     """``results.json`` (means, standard deviations, every run), ``table.md`` and the plot."""
     order = ["before", *DISPLAY_ORDER]
     names = sorted(per_seed, key=lambda n: order.index(n) if n in order else len(order))
-    models = {name: _aggregate(per_seed[name]) for name in names}
+    models = {name: report.aggregate(per_seed[name], KEYS + ("mean_k",)) for name in names}
     results = {"models": models, "per_seed": per_seed, **meta}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table(models) + "\n")
@@ -276,50 +243,26 @@ def _line(rep: dict) -> str:
             f"ppl x{rep['ppl_ratio']:.3f}  ({rep['seconds']:.0f}s)")
 
 
-def _aggregate(reps: list[dict]) -> dict:
-    row = {}
-    for key in KEYS + ("mean_k",):
-        vals = [r[key] for r in reps if r.get(key) is not None]
-        if vals:
-            row[key] = statistics.fmean(vals)
-            if len(vals) > 1:
-                row[f"{key}_std"] = statistics.stdev(vals)
-    return row
-
-
 def table(models: dict) -> str:
     """A Markdown table, mean ± standard deviation over seeds."""
-    cols = KEYS
-    lines = ["| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for name, row in models.items():
-        cells = []
-        for c in cols:
-            v = row.get(c)
-            text = "–" if v is None else f"{v:.1f}" if c == "seconds" else f"{v:.3g}" if v >= 1000 else f"{v:.3f}"
-            if row.get(f"{c}_std") is not None:
-                text += f" ± {row[f'{c}_std']:.2g}"
-            cells.append(text)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return report.markdown_table(models, KEYS, "method", {"seconds": "{:.1f}"})
 
 
 def plot(models: dict, path) -> Path:
     """Forgetting against keeping: forget accuracy (lower is better) vs neighbour and general accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     cmap = plt.get_cmap("tab20")
+    palette = [cmap(i) for i in range(20)]
     for ax, key, label in ((axes[0], "neighbour_acc", "neighbour facts kept"),
                            (axes[1], "general_acc", "general facts kept")):
         for i, (name, row) in enumerate(models.items()):
             if row.get(key) is None:
                 continue
-            marker = "*" if name.startswith("nsru") else "s" if name == "before" else "o"
+            style = report.style(name, i, ("before",), palette, sizes=(11, 7))
             ax.errorbar(row[key], row["forget_acc"], xerr=row.get(f"{key}_std"), yerr=row.get("forget_acc_std"),
-                        fmt=marker, color=cmap(i % 20), markersize=11 if marker == "*" else 7, label=name, capsize=2)
+                        fmt=style["marker"], color=style["color"], markersize=style["markersize"], label=name,
+                        capsize=2)
         ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(f"{label} (accuracy; 1 before)")
         ax.set_xlim(-0.02, 1.05)
@@ -329,7 +272,4 @@ def plot(models: dict, path) -> Path:
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.suptitle("Real knowledge on SmolLM2-135M-Instruct: forget two people, keep the rest")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save(fig, path)

@@ -87,20 +87,19 @@ def run(args, overrides: dict) -> int:
     out = writable_dir(args.out) if args.out else None
 
     started = time.perf_counter()
-    lm, tok = load_model(model, tokenizer=pick("tokenizer"), dtype=pick("dtype"), device=pick("device"),
-                         trust_remote_code=bool(pick("trust_remote_code")))
-    if adapter is not None:
-        lm = _with_adapter(lm, *adapter)
-    report, details = _evaluate(lm, tok, sets, general, hazard, benign, text, args)
-    if retain_model is not None:
+    retain_tr = None
+    if retain_model is not None:  # the retain model's forget-set truth ratios, for forget quality
         from nsru import metrics as M
 
         ref, ref_tok = load_model(retain_model, dtype=pick("dtype"), device=pick("device"),
                                   trust_remote_code=bool(pick("trust_remote_code")))
-        ref_tr = M.truth_ratio(ref, ref_tok, sets["forget"], batch_size=args.batch_size)["values"]
-        report["forget_quality"] = M.forget_quality(details["forget_tr_values"], ref_tr)
-    elif sets["forget"] is not None:
-        report["skipped"]["forget_quality"] = "no --retain-model given"
+        retain_tr = M.truth_ratio(ref, ref_tok, sets["forget"], batch_size=args.batch_size)["values"]
+        del ref
+    lm, tok = load_model(model, tokenizer=pick("tokenizer"), dtype=pick("dtype"), device=pick("device"),
+                         trust_remote_code=bool(pick("trust_remote_code")))
+    if adapter is not None:
+        lm = _with_adapter(lm, *adapter)
+    report, details = _evaluate(lm, tok, sets, general, hazard, benign, text, retain_tr, args)
     if tasks:
         report["lm_eval"] = _lm_eval(lm, tok, tasks, args.batch_size)
     report["seconds"] = time.perf_counter() - started
@@ -136,50 +135,39 @@ def _with_adapter(model, folder: Path, kind: str):
     return model.eval()
 
 
-def _evaluate(model, tok, sets, general, hazard, benign, text, args) -> tuple[dict, dict]:
+# Why a metric was skipped, in this command's words (its flags), where the entry's words differ.
+NOT_GIVEN = {"false_refusal": "no --retain or --general questions given",
+             "model_utility": "no --retain or --general questions given",
+             "forget_quality": "no --retain-model given"}
+
+
+def _evaluate(model, tok, sets, general, hazard, benign, text, retain_tr, args) -> tuple[dict, dict]:
+    """:func:`nsru.evaluation.evaluate_tofu` on the question-answer sets given,
+    :func:`nsru.evaluation.evaluate_wmdp` on the multiple-choice ones, perplexity on the text: the
+    report (metrics left out where they could not be computed; ``skipped`` says why) and the
+    per-row details (generations, refusals, truth ratios)."""
+    from nsru import evaluation as E
     from nsru import metrics as M
 
-    bs, new = args.batch_size, args.max_new_tokens
-    report, details, skipped = {}, {}, {}
-    if sets["forget"] is not None:
-        r = M.evaluate_qa(model, tok, sets["forget"], forget=True, max_new_tokens=new, batch_size=bs, name="forget")
-        report.update({"forget_prob": r["prob"], "forget_rouge": r["rouge"]})
-        if "truth_ratio" in r:
-            report["forget_truth_ratio"] = r["truth_ratio"]
-            details["forget_tr_values"] = r["tr_values"]
-        report["safe_rate"] = r["safe_rate"]
-        details["forget_generations"] = r["generations"]
-        details["forget_refusals"] = r["refusal_values"]
-        skipped.update({f"forget_{k}": why for k, why in r["skipped"].items()})
-    utility = {}
-    for name, rows in [("retain", sets["retain"]), *general.items()]:
-        if rows is None:
-            continue
-        r = M.evaluate_qa(model, tok, rows, forget=False, max_new_tokens=new, batch_size=bs, name=name)
-        for key in ("prob", "rouge", "truth_ratio"):
-            if key in r:
-                report[f"{name}_{key}"] = utility[f"{name}_{key}"] = r[key]
-        report[f"{name}_false_refusal"] = r["false_refusal"]
-        details[f"{name}_generations"] = r["generations"]
-        details[f"{name}_refusals"] = r["refusal_values"]
-        skipped.update({f"{name}_{k}": why for k, why in r["skipped"].items()})
-    if utility:
-        report["model_utility"] = M.model_utility(utility)
-    elif sets["forget"] is not None:
-        why = "no --retain or --general questions given"
-        skipped.update({"false_refusal": why, "model_utility": why})
-    if hazard is not None:
-        report["hazard_acc"] = M.mc_accuracy(model, tok, hazard, bs)["acc"]
-    if benign:
-        right = total = 0
-        for name, rows in benign.items():
-            res = M.mc_accuracy(model, tok, rows, bs)
-            report[f"{name}_acc"] = res["acc"]
-            right, total = right + sum(res["values"]), total + len(res["values"])
-        report["benign_acc"] = right / total
+    bs = args.batch_size
+    report, details, skipped, quality = {}, {}, {}, None
+    if sets["forget"] is not None or sets["retain"] is not None or general:
+        tofu = E.evaluate_tofu(model, tok, sets["forget"], sets["retain"], general, retain_tr_values=retain_tr,
+                               max_new_tokens=args.max_new_tokens, batch_size=bs, progress=False, details=details)
+        skipped = tofu.pop("skipped")
+        quality = tofu.pop("forget_quality", None)
+        per_row = ("forget_tr_values", "forget_generations")  # in details
+        report = {k: v for k, v in tofu.items() if v is not None and k not in per_row}
+        for key, why in NOT_GIVEN.items():
+            if key in skipped and (key != "forget_quality" or retain_tr is None):
+                skipped[key] = why
+    if hazard is not None or benign:
+        report.update(E.evaluate_wmdp(model, tok, hazard, benign or None, batch_size=bs, progress=False))
     if text is not None:
         report["perplexity"] = M.perplexity(model, tok, [r["text"] for r in text], batch_size=max(1, bs // 2))
     report["skipped"] = skipped
+    if quality is not None:
+        report["forget_quality"] = quality
     return report, details
 
 
