@@ -22,3 +22,13 @@ def test_main_job_guard_sees_the_built_extension():
     assert guard, "README main job: expected `(python -c \"...\" 2>/dev/null || pip install ...)`"
     done = subprocess.run(guard.group(1), shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{guard.group(1)} failed although the extension is built: {done.stderr[-500:]}"
+
+
+def test_readme_tables_match_their_result_files():
+    """Every generated table (demo, real model, CPU ratios, memory) equals what
+    benchmarks/readme_tables.py makes from the committed files: no figure without its source."""
+    import sys
+
+    done = subprocess.run([sys.executable, "benchmarks/readme_tables.py", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-1000:]
