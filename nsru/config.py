@@ -148,7 +148,7 @@ class UnlearnConfig:
             parse_layers(self.layers)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        sources = self.stats if isinstance(self.stats, (list, tuple)) else [self.stats]
+        sources = self.stats_sources()
         need(len(sources) > 0, "stats must name at least one source: 'retain', 'self', a corpus, or a list")
         for source in sources:
             if isinstance(source, (str, os.PathLike)) and str(source) not in ("auto", "retain", "self"):
@@ -178,6 +178,26 @@ class UnlearnConfig:
         need(self.rmu_layer is None or self.rmu_layer >= 0, f"rmu_layer must be >= 0, got {self.rmu_layer!r}")
         need(self.rmu_steering is None or self.rmu_steering > 0, f"rmu_steering must be positive, got {self.rmu_steering!r}")
         need(self.rmu_steering_scale > 0, f"rmu_steering_scale must be positive, got {self.rmu_steering_scale!r}")
+
+    def stats_sources(self, has_retain: bool = True) -> list:
+        """:attr:`stats` as a list of sources, ``"auto"`` resolved: the retain data and ``"self"``,
+        or ``"self"`` alone where there is no retain data (``has_retain``)."""
+        if isinstance(self.stats, str) and self.stats == "auto":
+            return ["retain", "self"] if has_retain else ["self"]
+        return list(self.stats) if isinstance(self.stats, (list, tuple)) else [self.stats]
+
+    def needs_retain_data(self, method=None, *, bases: bool = False) -> str | None:
+        """What needs retain data under these options, or ``None``: ``"retention"`` where
+        ``method`` (a :class:`nsru.methods.Method`, with the method's switches applied to this
+        config) has a retention term that is on; ``"statistics"`` where the retain statistics are
+        collected and ``stats`` names ``"retain"``. They are collected for projected adapters
+        unless ``bases`` are given, and always without a ``method`` (``nsru subspace``)."""
+        if method is not None and self.retain and method.needs_retain:
+            return "retention"
+        collected = method is None or (self.finetune == "adapter" and bool(self.project) and not bases)
+        if collected and "retain" in self.stats_sources(has_retain=False):
+            return "statistics"
+        return None
 
     @property
     def subspace_rule(self):

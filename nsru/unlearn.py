@@ -112,8 +112,12 @@ def _stat_batches(encodings: Sequence[dict], pad_id: int, device):
     return input_batches(list(encodings)[rank::world], pad_id, device)
 
 
-def _sources(spec) -> list:
-    return list(spec) if isinstance(spec, (list, tuple)) else [spec]
+_NO_RETAIN = {  # UnlearnConfig.needs_retain_data's answers, without retain data
+    "retention": "method {method!r} has a retain term but no retain data was given; pass retain=... or "
+                 "retain=False to switch the term off",
+    "statistics": "the null-space projection needs data for its statistics: pass retain=..., stats='self' or a "
+                  "corpus, or project=False (plain LoRA)",
+}
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -162,13 +166,9 @@ def unlearn(
 
     forget_rows = load_rows(forget, "forget")
     retain_rows = load_rows(retain, "retain") if retain is not None else None
-    if retain_rows is None:
-        if cfg.retain and m.needs_retain:
-            raise ValueError(f"method {cfg.method!r} has a retain term but no retain data was given; "
-                             "pass retain=... or retain=False to switch the term off")
-        if cfg.finetune == "adapter" and cfg.project and "retain" in _sources(cfg.stats):
-            raise ValueError("the null-space projection needs data for its statistics: pass retain=..., "
-                             "stats='self' or a corpus, or project=False (plain LoRA)")
+    need = cfg.needs_retain_data(m) if retain_rows is None else None
+    if need is not None:
+        raise ValueError(_NO_RETAIN[need].format(method=cfg.method))
     forget_ex = _encode_forget(forget_rows, tokenizer, cfg, m)
     retain_ex = _encode_retain(retain_rows, tokenizer, cfg) if retain_rows is not None else None
 
@@ -199,8 +199,9 @@ def unlearn(
     stats_report: dict = {}
     progress = cfg.progress and dist_info()[0] == 0  # the trainer's rule: bars on the first process only
     if adapters and cfg.project:
+        stats = cfg.stats_sources(has_retain=retain_rows is not None)
         sources = stats_encodings(
-            cfg.stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
+            stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
             max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
             self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed, progress=progress)
         stats_report = describe(sources)
@@ -210,7 +211,7 @@ def unlearn(
         del moments  # d² floats per module group: not kept through training
         set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
         leaks = {"leakage": stat_batches}
-        if retain_ex is not None and cfg.stats != "retain":
+        if retain_ex is not None and stats != ["retain"]:
             leaks["leakage_retain"] = _stat_batches([e["retain"] for e in retain_ex], pad_id, device)
         leaks["leakage_forget"] = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
         measured = {key: _mean_across_ranks(leakage(model, b, progress=progress, desc=key.replace("_", " ")))

@@ -8,7 +8,8 @@ import torch
 
 import nsru
 from nsru.config import ConfigError
-from nsru.stats_sources import collect_statistics, describe, sample_self, stats_encodings, subjects_of
+from nsru.self_samples import sample_self, subjects_of
+from nsru.stats_sources import collect_statistics, describe, stats_encodings
 from tinylm import one_thread, trained_world_model
 
 
@@ -47,14 +48,14 @@ def test_sources_combine_under_a_token_budget(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"Oslo Lima Rome {i} ."}) for i in range(40)))
     kw = dict(model=model, tokenizer=tok, retain_rows=retain, forget_rows=forget)
-    sources = stats_encodings("retain", **kw)
+    sources = stats_encodings(["retain"], **kw)
     assert list(sources) == ["retain"] and len(sources["retain"]) == len(retain)
     report = describe(stats_encodings(["retain", str(corpus)], tokens=60, **kw))
     assert set(report) == {"retain", str(corpus)}
     for part in report.values():  # each source gets half the budget (the last row may run over)
         assert 30 <= part["tokens"] < 30 + 20
     with pytest.raises(ValueError, match="no retain data"):
-        stats_encodings("retain", model=model, tokenizer=tok, retain_rows=None, forget_rows=forget)
+        stats_encodings(["retain"], model=model, tokenizer=tok, retain_rows=None, forget_rows=forget)
 
 
 def test_unlearn_with_self_statistics_reports_leakage_on_retain_and_forget(tmp_path, monkeypatch):
@@ -113,13 +114,13 @@ def test_each_source_weighs_equally_whatever_its_size():
                 for i in range(0, len(encodings), 8)]
 
     kw = dict(model=model, tokenizer=tok, forget_rows=forget)
-    one, _ = collect_statistics(model, stats_encodings("retain", retain_rows=retain, **kw), batches)
-    plain = nsru.collect_second_moments(model, batches(stats_encodings("retain", retain_rows=retain, **kw)["retain"]),
+    one, _ = collect_statistics(model, stats_encodings(["retain"], retain_rows=retain, **kw), batches)
+    plain = nsru.collect_second_moments(model, batches(stats_encodings(["retain"], retain_rows=retain, **kw)["retain"]),
                                         progress=False)
-    forget_only = nsru.collect_second_moments(model, batches(stats_encodings("retain", retain_rows=forget, **kw)["retain"]),
+    forget_only = nsru.collect_second_moments(model, batches(stats_encodings(["retain"], retain_rows=forget, **kw)["retain"]),
                                               progress=False)
-    sources = {"retain": stats_encodings("retain", retain_rows=retain, **kw)["retain"],
-               "forget x10": stats_encodings("retain", retain_rows=forget * 10, **kw)["retain"]}
+    sources = {"retain": stats_encodings(["retain"], retain_rows=retain, **kw)["retain"],
+               "forget x10": stats_encodings(["retain"], retain_rows=forget * 10, **kw)["retain"]}
     mixed, _ = collect_statistics(model, sources, batches)
     for name in plain.names():
         torch.testing.assert_close(one[name], plain[name], rtol=1e-5, atol=1e-7)

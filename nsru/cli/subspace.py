@@ -56,8 +56,7 @@ def run(args, overrides: dict) -> int:
     check_dtype_device(pick("dtype"), pick("device"))
     retain = load_rows(pick("retain"), "--retain")
     forget = load_rows(pick("forget"), "--forget")
-    sources = cfg.stats if isinstance(cfg.stats, (list, tuple)) else [cfg.stats]
-    if "retain" in sources and retain is None:
+    if retain is None and cfg.needs_retain_data() is not None:
         raise UsageError("--retain is required: the statistics come from the retain data (stats=retain); "
                          "or name other data with stats=self or stats=FILE")
     out = Path(args.out)
@@ -88,7 +87,7 @@ def compute_and_save(model, tokenizer, cfg, retain, forget, out: Path, model_nam
     layers = apply_nsru(model, target_modules=cfg.target_modules, r=1, alpha=1.0, layers=cfg.layers)
     device, pad = model_device(model), pad_token_id(tokenizer)
     encoded = stats_encodings(
-        cfg.stats, model=model, tokenizer=tokenizer, retain_rows=retain, forget_rows=forget or [],
+        cfg.stats_sources(has_retain=retain is not None), model=model, tokenizer=tokenizer, retain_rows=retain, forget_rows=forget or [],
         max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
         self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed)
     sources = describe(encoded)

@@ -22,6 +22,11 @@ from nsru.cli.common import (RUN_KEYS, UsageError, add_model_args, build_config,
 
 NAME = "unlearn"
 CHECKPOINTS_PER_RUN = 10  # save_every's default here: a checkpoint every tenth of the steps, for --resume
+NO_RETAIN = {  # UnlearnConfig.needs_retain_data's answers, without --retain
+    "retention": "method {method!r} has a retention term: give --retain FILE, or retain=false to switch the term off",
+    "statistics": "the null-space projection needs statistics data: give --retain FILE, stats=self or stats=FILE, "
+                  "--bases DIR, or project=false (plain LoRA)",
+}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -88,14 +93,9 @@ def run(args, overrides: dict) -> int:
     forget = load_rows(values["forget"], "--forget")
     retain = load_rows(values.get("retain"), "--retain")
     project = resolved.project
-    if retain is None:
-        if resolved.retain and method.needs_retain:
-            raise UsageError(f"method {cfg.method!r} has a retention term: give --retain FILE, or retain=false to "
-                             "switch the term off")
-        sources = cfg.stats if isinstance(cfg.stats, (list, tuple)) else [cfg.stats]
-        if cfg.finetune == "adapter" and project and "retain" in sources and not values.get("bases"):
-            raise UsageError("the null-space projection needs statistics data: give --retain FILE, stats=self or "
-                             "stats=FILE, --bases DIR, or project=false (plain LoRA)")
+    need = resolved.needs_retain_data(method, bases=bool(values.get("bases"))) if retain is None else None
+    if need is not None:
+        raise UsageError(NO_RETAIN[need].format(method=cfg.method))
     bases = None
     if values.get("bases"):
         from nsru.cli.subspace import read_bases
