@@ -19,7 +19,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -127,6 +127,23 @@ def check_targets(
         if rank > min(in_f, out_f):
             raise ValueError(f"adapter rank r={rank} is larger than module {name!r} allows: it maps {in_f} -> {out_f} "
                              f"features, so the rank can be at most {min(in_f, out_f)}")
+    return names
+
+
+def check_bases(model: nn.Module, bases: Mapping[str, torch.Tensor], r: int | dict[str, int] = 8) -> list[str]:
+    """What :func:`apply_nsru` on the modules of ``bases`` (module name -> retain basis U, in × k)
+    would adapt, checked without changing ``model``: :func:`check_targets`, and every basis has as
+    many rows as its module reads features."""
+    names = check_targets(model, list(bases), r)
+    odd = sorted(set(names) ^ set(bases))  # a name of no module, or one that also ends another module's name
+    if odd:
+        raise ValueError(f"the bases do not name linear modules of {type(model).__name__} one to one (e.g. {odd[0]!r}): "
+                         "the bases are of another model, or their names are not full module names")
+    for name in bases:
+        in_f = _shape_of(model.get_submodule(name))[0]
+        if bases[name].dim() != 2 or bases[name].shape[0] != in_f:
+            raise ValueError(f"the basis of {name!r} has shape {tuple(bases[name].shape)} but the module reads {in_f} "
+                             f"features (expected ({in_f}, k)): the bases are of another model")
     return names
 
 

@@ -186,6 +186,11 @@ class UnlearnConfig:
             return ["retain", "self"] if has_retain else ["self"]
         return list(self.stats) if isinstance(self.stats, (list, tuple)) else [self.stats]
 
+    def projects(self) -> bool:
+        """Whether updates are confined to the null space: adapters (not full fine-tuning) with
+        ``project`` on (once the method has decided it)."""
+        return self.finetune == "adapter" and bool(self.project)
+
     def needs_retain_data(self, method=None, *, bases: bool = False) -> str | None:
         """What needs retain data under these options, or ``None``: ``"retention"`` where
         ``method`` (a :class:`nsru.methods.Method`, with the method's switches applied to this
@@ -194,7 +199,7 @@ class UnlearnConfig:
         unless ``bases`` are given, and always without a ``method`` (``nsru subspace``)."""
         if method is not None and self.retain and method.needs_retain:
             return "retention"
-        collected = method is None or (self.finetune == "adapter" and bool(self.project) and not bases)
+        collected = method is None or (self.projects() and not bases)
         if collected and "retain" in self.stats_sources(has_retain=False):
             return "statistics"
         return None

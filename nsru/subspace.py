@@ -1,21 +1,32 @@
-"""Retain subspaces: input statistics of the adapted modules, their eigenbases, and leakage.
+"""Retain subspaces: input statistics of the adapted modules, their eigenbases, leakage, and the
+bases file.
 
 For each adapted module the retain statistic is the uncentered second moment of its inputs over
 every non-pad token of benign data, ``C = (1/N) Σ h hᵀ``. Modules that read the same tensor (q, k
 and v; gate and up) share one statistic. The retain basis holds the top eigenvectors of ``C``.
+
+The bases file (a folder, written by ``nsru subspace`` and read by ``nsru.unlearn(bases=...)``):
+``bases.safetensors`` (the retain basis U, in × k, of every group of modules that read the same
+tensor, under the group's first module name), ``moments.safetensors`` (the statistics they came
+from, per group a sum and a count), ``subspace.json`` (format ``nsru-subspace``, the modules, their
+groups, the rule and the data) and ``basis_report.json`` (k and leakage per module).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from nsru import ops
-from nsru.distributed import all_reduce_sum_
+from nsru.atomic import atomic_write
+from nsru.distributed import all_reduce_mean_, all_reduce_sum_
 from nsru.layer import NSRULinear, adapter_disabled, model_device, nsru_modules
 
 FLUSH_BYTES = 256 * 2**20  # collect_second_moments flushes the module inputs it holds at this size
@@ -255,3 +266,118 @@ def leakage(
     hooks = {m: hook(n, m) for n, m in layers.items()}
     _run_hooked(model, batches, hooks, desc, progress, lambda batch: current.__setitem__("mask", batch.get("attention_mask")))
     return {n: totals[n] / counts[n] if counts[n] else float("nan") for n in layers}
+
+
+def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    all_reduce_mean_([t])
+    return dict(zip(keys, t.tolist()))
+
+
+def basis_info(
+    model: nn.Module,
+    leakage_batches: Mapping[str, Iterable[Mapping]],
+    *,
+    capped: Mapping[str, bool] | None = None,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Per adapter: its retain-subspace size ``k``, ``in_features``, whether the rule's floor
+    capped ``k``, and one :func:`leakage` per entry of ``leakage_batches`` (e.g. ``{"leakage":
+    statistics batches, "leakage_forget": forget batches}``), averaged over the processes.
+    ``progress``: a bar per entry, named by its key."""
+    measured = {key: _mean_over_processes(leakage(model, batches, progress=progress, desc=key.replace("_", " ")))
+                for key, batches in leakage_batches.items()}
+    capped = capped or {}
+    return {name: {"k": adapter.k, "in_features": adapter.in_features, "capped": bool(capped.get(name, False)),
+                   **{key: values[name] for key, values in measured.items()}}
+            for name, adapter in nsru_modules(model).items()}
+
+
+def summarize_bases(modules: Mapping[str, dict]) -> dict:
+    """``modules_count``, ``mean_k`` and ``mean_leakage`` (of ``"leakage"``; ``None`` where no
+    module has one) of a :func:`basis_info` result."""
+    ks = [m["k"] for m in modules.values()]
+    leaks = [m["leakage"] for m in modules.values() if m.get("leakage") is not None]
+    return {"modules_count": len(modules), "mean_k": sum(ks) / len(ks) if ks else 0.0,
+            "mean_leakage": sum(leaks) / len(leaks) if leaks else None}
+
+
+# --------------------------------------------------------------------------------------------
+# the bases file
+
+BASES_FORMAT = "nsru-subspace"
+BASES_FILE = "bases.safetensors"
+MOMENTS_FILE = "moments.safetensors"
+BASES_META = "subspace.json"
+BASES_REPORT = "basis_report.json"
+
+
+class BasesFileError(ValueError):
+    """A folder that is not a readable bases file."""
+
+
+@dataclass
+class SavedBases:
+    """A bases folder as :func:`read_bases` found it: ``meta`` (``subspace.json``), ``bases``
+    (module name -> U, every module of a group holding the group's tensor) and ``report``
+    (``basis_report.json``, empty where there is none)."""
+
+    meta: dict
+    bases: dict[str, torch.Tensor]
+    report: dict = field(default_factory=dict)
+    folder: Path | None = None
+
+
+def save_bases(folder: str | os.PathLike, model: nn.Module, moments: SecondMoments, meta: Mapping,
+               report: Mapping) -> None:
+    """Write the retain bases the adapters of ``model`` hold, the ``moments`` they came from,
+    ``meta`` (format, modules and groups are added) and ``report`` into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    adapters = nsru_modules(model)
+    # One tensor per group: q/k/v (and gate/up) read the same input and share one basis.
+    bases = {key: adapters[key].retain_basis.detach().cpu().contiguous() for key in set(moments.groups.values())}
+    sums = {}
+    for key in moments.sums:
+        sums[f"{key}.sum"] = moments.sums[key].detach().cpu().contiguous()
+        sums[f"{key}.tokens"] = moments.tokens[key].detach().cpu().reshape(1).contiguous()
+    meta = {"format": BASES_FORMAT, "version": 1, **meta, "modules": list(adapters), "groups": dict(moments.groups)}
+    atomic_write(folder / BASES_FILE, lambda p: save_file(bases, str(p), metadata={"format": "pt"}))
+    atomic_write(folder / MOMENTS_FILE, lambda p: save_file(sums, str(p), metadata={"format": "pt"}))
+    _write_json(folder / BASES_META, meta)
+    _write_json(folder / BASES_REPORT, dict(report))
+
+
+def _write_json(path: Path, data) -> None:
+    text = json.dumps(data, indent=1) + "\n"
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def read_bases(folder: str | os.PathLike) -> SavedBases:
+    """The bases folder written by :func:`save_bases` (``nsru subspace``), checked, not applied;
+    :class:`BasesFileError` names what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_file = folder / BASES_META
+    if not meta_file.is_file() or not (folder / BASES_FILE).is_file():
+        raise BasesFileError(f"{folder}: not a folder written by `nsru subspace` (no {BASES_META} / {BASES_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+        report = json.loads((folder / BASES_REPORT).read_text()) if (folder / BASES_REPORT).is_file() else {}
+    except json.JSONDecodeError as e:
+        raise BasesFileError(f"{meta_file}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if meta.get("format") != BASES_FORMAT:
+        raise BasesFileError(f"{meta_file}: not an nsru subspace file (format {meta.get('format')!r})")
+    try:
+        tensors = load_file(str(folder / BASES_FILE))
+    except (SafetensorError, OSError) as e:
+        raise BasesFileError(f"{folder / BASES_FILE}: cannot read ({e})") from None
+    groups = meta.get("groups", {})
+    missing = [n for n in meta["modules"] if groups.get(n, n) not in tensors]
+    if missing:
+        raise BasesFileError(f"{folder / BASES_FILE}: no basis for module {missing[0]!r}")
+    return SavedBases(meta, {n: tensors[groups.get(n, n)] for n in meta["modules"]}, report, folder)

@@ -6,12 +6,14 @@
     result.bases_info   # per module: k (retain-subspace rank) and leakage on the retain data
 
 Steps: load and tokenise the data; add adapters; collect the retain statistics (all-reduced
-across processes) and set the retain bases; initialise the adapters; train the method's loss.
+across processes) and set the retain bases (:func:`fit_retain_bases`, which ``nsru subspace`` runs
+too), or set the bases given; initialise the adapters; train the method's loss.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,18 +22,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nsru.adapt import apply_nsru
+from nsru.adapt import apply_nsru, check_bases
 from nsru.adapter_init import init_adapters
 from nsru.checkpoint import OutputDirError, check_output_dir
 from nsru.config import UnlearnConfig
 from nsru.data import encode_qa, encode_text, input_batches, is_qa, load_rows, pad_token_id
-from nsru.distributed import all_reduce_mean_, dist_info, init_distributed_from_env, run_on_rank0
+from nsru.distributed import dist_info, init_distributed_from_env, run_on_rank0
 from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
 from nsru.stats_sources import collect_statistics, describe, stats_encodings
 from nsru.sampler import Stream
-from nsru.subspace import collect_second_moments, leakage, retain_subspaces, set_retain_bases
+from nsru.subspace import (SavedBases, SecondMoments, basis_info, collect_second_moments, read_bases,
+                           retain_subspaces, set_retain_bases, summarize_bases)
 from nsru.train import Trainer
 
 
@@ -49,13 +52,12 @@ class UnlearnResult:
 
     def summary(self) -> dict:
         """Mean k, mean leakage and the last step's losses, for printing."""
-        ks = [v["k"] for v in self.bases_info.values()]
-        leaks = [v["leakage"] for v in self.bases_info.values() if v.get("leakage") is not None]
+        bases = summarize_bases(self.bases_info)
         return {
             "method": self.config.method,
-            "modules": len(self.bases_info),
-            "mean_k": sum(ks) / len(ks) if ks else 0,
-            "mean_leakage": sum(leaks) / len(leaks) if leaks else None,
+            "modules": bases["modules_count"],
+            "mean_k": bases["mean_k"],
+            "mean_leakage": bases["mean_leakage"],
             "last": self.history[-1] if self.history else {},
             "seconds": self.seconds,
         }
@@ -116,15 +118,73 @@ _NO_RETAIN = {  # UnlearnConfig.needs_retain_data's answers, without retain data
     "retention": "method {method!r} has a retain term but no retain data was given; pass retain=... or "
                  "retain=False to switch the term off",
     "statistics": "the null-space projection needs data for its statistics: pass retain=..., stats='self' or a "
-                  "corpus, or project=False (plain LoRA)",
+                  "corpus, bases=..., or project=False (plain LoRA)",
 }
 
 
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    all_reduce_mean_([t])
-    return dict(zip(keys, t.tolist()))
+@dataclass
+class RetainBases:
+    """What :func:`fit_retain_bases` found: ``modules`` (per adapter: k, in_features, capped and
+    the leakage on each data set), ``sources`` (rows and tokens of each statistics source) and,
+    where asked for, the ``moments`` the bases came from."""
+
+    modules: dict[str, dict]
+    sources: dict[str, dict]
+    moments: SecondMoments | None = None
+
+
+def fit_retain_bases(
+    model: nn.Module,
+    tokenizer,
+    cfg: UnlearnConfig,
+    *,
+    retain_rows: Sequence[Mapping] | None = None,
+    forget_rows: Sequence[Mapping] = (),
+    retain: Sequence[dict] | None = None,
+    forget: Sequence[dict] | None = None,
+    progress: bool = False,
+    keep_moments: bool = False,
+) -> RetainBases:
+    """Statistics -> bases -> leakage for the adapters ``model`` holds: encode the statistics
+    sources of ``cfg.stats`` (``retain_rows``; ``forget_rows`` name the subjects kept out of the
+    self-samples), collect their statistics (each source's mean weighing equally, over every
+    process), give every adapter its retain basis by ``cfg.subspace``, and measure the leakage on
+    the statistics data (``leakage``), on the ``retain`` encodings where the statistics are not
+    the retain data alone (``leakage_retain``) and on the ``forget`` encodings (``leakage_forget``).
+    ``progress``: bars for the self-samples, the statistics and the leakage passes."""
+    device, pad_id = model_device(model), pad_token_id(tokenizer)
+    stats = cfg.stats_sources(has_retain=retain_rows is not None)
+    sources = stats_encodings(
+        stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
+        max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
+        self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed, progress=progress)
+    moments, stat_batches = collect_statistics(model, sources, lambda enc: _stat_batches(enc, pad_id, device),
+                                               progress=progress)
+    subspaces = retain_subspaces(moments, cfg.subspace_rule)
+    kept = moments if keep_moments else None
+    del moments  # d² floats per module group: not kept through training unless asked for
+    set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
+    leaks = {"leakage": stat_batches}
+    if retain is not None and stats != ["retain"]:
+        leaks["leakage_retain"] = _stat_batches(retain, pad_id, device)
+    if forget is not None:
+        leaks["leakage_forget"] = _stat_batches(forget, pad_id, device)
+    modules = basis_info(model, leaks, capped={n: s.capped for n, s in subspaces.items()}, progress=progress)
+    return RetainBases(modules, describe(sources), kept)
+
+
+def _given_bases(bases) -> SavedBases:
+    """``bases=`` of :func:`unlearn` as :class:`SavedBases`: a folder of ``nsru subspace``, its
+    :func:`read_bases` result, or a mapping from module name to U (in × k)."""
+    if isinstance(bases, SavedBases):
+        return bases
+    if isinstance(bases, (str, os.PathLike)):
+        return read_bases(bases)
+    if isinstance(bases, Mapping) and bases and all(isinstance(u, torch.Tensor) for u in bases.values()):
+        return SavedBases(meta={"modules": list(bases), "target_modules": list(bases), "layers": None},
+                          bases=dict(bases))
+    raise TypeError("bases must be a folder written by `nsru subspace`, nsru.subspace.read_bases(folder), or a "
+                    f"non-empty dict from module name to its retain basis (in × k), got {type(bases).__name__}")
 
 
 def unlearn(
@@ -136,6 +196,7 @@ def unlearn(
     *,
     config: UnlearnConfig | Mapping | None = None,
     eval_fn: Callable[[nn.Module, int], dict] | None = None,
+    bases=None,
     **options,
 ) -> UnlearnResult:
     """Unlearn ``forget`` from ``model`` while keeping ``retain``; see :class:`UnlearnConfig` for
@@ -143,6 +204,10 @@ def unlearn(
     of question-answer rows (TOFU fields) or text rows (``text``). The retain data feeds both the
     retention term and the retain statistics; to keep the statistics but switch the term off use
     ``method="nsru-no-retain"`` or ``config={"retain": False}`` (``retain=False`` drops both).
+    ``bases``: retain bases to train on instead of collecting the statistics (a folder written by
+    ``nsru subspace``, its :func:`nsru.subspace.read_bases` result, or ``{module name: U}``): the
+    adapters go on their modules (``target_modules`` and ``layers`` are theirs), and
+    ``bases_info`` reports each module's k and the leakage on the retain and forget data.
     Under ``torchrun`` every process calls this with the same arguments; ``batch_size`` is the
     global batch.
     """
@@ -151,6 +216,13 @@ def unlearn(
         options["retain"] = retain
         retain = None
     cfg, m = resolve_config(method, config, options)
+    given = _given_bases(bases) if bases is not None else None
+    if given is not None:
+        if not cfg.projects():
+            raise ValueError(f"bases= applies to projected adapters; method {cfg.method!r} with "
+                             f"finetune={cfg.finetune}, project={cfg.project} has none")
+        cfg = cfg.replace(target_modules=given.meta.get("target_modules", list(given.bases)),
+                          layers=given.meta.get("layers"))
     init_distributed_from_env()
     if cfg.output_dir:  # before any work: a run that cannot checkpoint fails now, not after the statistics
         run_on_rank0(lambda: check_output_dir(cfg.output_dir), OutputDirError)
@@ -166,7 +238,7 @@ def unlearn(
 
     forget_rows = load_rows(forget, "forget")
     retain_rows = load_rows(retain, "retain") if retain is not None else None
-    need = cfg.needs_retain_data(m) if retain_rows is None else None
+    need = cfg.needs_retain_data(m, bases=given is not None) if retain_rows is None else None
     if need is not None:
         raise ValueError(_NO_RETAIN[need].format(method=cfg.method))
     forget_ex = _encode_forget(forget_rows, tokenizer, cfg, m)
@@ -177,11 +249,19 @@ def unlearn(
     needs_ref = m.needs_reference or cfg.retain_loss == "kl"
     if cfg.finetune == "adapter":
         adapters = nsru_modules(model)
-        if not adapters:
+        if not adapters and given is not None:
+            check_bases(model, given.bases, cfg.r)  # before the first module is replaced
+            adapters = apply_nsru(model, target_modules=list(given.bases), r=cfg.r, alpha=cfg.alpha)
+        elif not adapters:
             targets = cfg.target_modules
             if m.default_targets is not None and targets == "all-linear":
                 targets = m.default_targets(model, cfg)
             adapters = apply_nsru(model, target_modules=targets, r=cfg.r, alpha=cfg.alpha, layers=cfg.layers)
+        if given is not None:
+            if set(adapters) != set(given.bases):
+                raise ValueError(f"bases= holds {len(given.bases)} modules but the model has {len(adapters)} other "
+                                 "adapters; give a model without adapters, or bases for exactly its adapters")
+            set_retain_bases(model, given.bases)
         params = {}
         for name, layer in adapters.items():
             params[f"{name}.lora_A"] = layer.lora_A
@@ -198,27 +278,17 @@ def unlearn(
     bases_info: dict[str, dict] = {}
     stats_report: dict = {}
     progress = cfg.progress and dist_info()[0] == 0  # the trainer's rule: bars on the first process only
-    if adapters and cfg.project:
-        stats = cfg.stats_sources(has_retain=retain_rows is not None)
-        sources = stats_encodings(
-            stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
-            max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
-            self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed, progress=progress)
-        stats_report = describe(sources)
-        moments, stat_batches = collect_statistics(model, sources, lambda enc: _stat_batches(enc, pad_id, device),
-                                                   progress=progress)
-        subspaces = retain_subspaces(moments, cfg.subspace_rule)
-        del moments  # d² floats per module group: not kept through training
-        set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
-        leaks = {"leakage": stat_batches}
-        if retain_ex is not None and stats != ["retain"]:
-            leaks["leakage_retain"] = _stat_batches([e["retain"] for e in retain_ex], pad_id, device)
-        leaks["leakage_forget"] = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
-        measured = {key: _mean_across_ranks(leakage(model, b, progress=progress, desc=key.replace("_", " ")))
-                    for key, b in leaks.items()}
-        for name, layer in adapters.items():
-            bases_info[name] = {"k": layer.k, "in_features": layer.in_features, "capped": subspaces[name].capped,
-                                **{key: values[name] for key, values in measured.items()}}
+    retain_enc = [e["retain"] for e in retain_ex] if retain_ex is not None else None
+    forget_enc = [e["forget"] for e in forget_ex]
+    if adapters and given is not None:  # no statistics: the leakage of the given bases on this run's data
+        leaks = {"leakage": retain_enc, "leakage_forget": forget_enc}
+        capped = {n: info.get("capped", False) for n, info in given.report.get("modules", {}).items()}
+        bases_info = basis_info(model, {key: _stat_batches(enc, pad_id, device) for key, enc in leaks.items()
+                                        if enc is not None}, capped=capped, progress=progress)
+    elif adapters and cfg.project:
+        fit = fit_retain_bases(model, tokenizer, cfg, retain_rows=retain_rows, forget_rows=forget_rows,
+                               retain=retain_enc, forget=forget_enc, progress=progress)
+        bases_info, stats_report = fit.modules, fit.sources
     else:
         # No projection: the adapter may move every direction (leakage 1 by definition).
         bases_info = {name: {"k": 0, "in_features": layer.in_features, "capped": False, "leakage": 1.0}
@@ -228,14 +298,13 @@ def unlearn(
     if adapters:
         forget_moments = None
         if cfg.init == "forget":
-            fb = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
+            fb = _stat_batches(forget_enc, pad_id, device)
             forget_moments = collect_second_moments(model, fb, progress=progress, desc="forget statistics").all_reduce()
         init_info = init_adapters(adapters, cfg.init, seed=cfg.seed, forget_moments=forget_moments)
 
     ctx = LossContext(model, cfg, ref_model=ref_model)
     if m.setup is not None:
-        fb = _stat_batches([e["forget"] for e in forget_ex], pad_id, device)
-        m.setup(ctx, fb)
+        m.setup(ctx, _stat_batches(forget_enc, pad_id, device))
 
     streams = {"forget": Stream(forget_ex, cfg.batch_size, seed=cfg.seed, salt=1, pad_id=pad_id)}
     if retain_ex is not None and cfg.retain:

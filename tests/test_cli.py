@@ -274,6 +274,20 @@ def test_bases_from_nsru_subspace_train_the_same_adapter(world, tmp_path, capsys
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
     report = json.loads((tmp_path / "b" / "basis_report.json").read_text())
     assert report["from"] == "bases" and report["modules_count"] == 14
+    # the modules' real k and the leakage of their bases on the retain data (not k=0 and leakage 1)
+    fresh = json.loads((tmp_path / "a" / "basis_report.json").read_text())
+    assert report["mean_k"] == fresh["mean_k"] > 0
+    assert report["mean_leakage"] == pytest.approx(fresh["mean_leakage"], rel=1e-5)
+    for name, info in report["modules"].items():
+        assert info["k"] == fresh["modules"][name]["k"] and 0 <= info["leakage"] < 1 and "leakage_forget" in info
+
+
+def test_nsru_subspace_shows_the_bars_that_nsru_unlearn_shows(world, tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "subspace", "--model", world["model"], "--retain", world["retain"], "--forget",
+                           world["forget"], "--out", tmp_path / "sub", "stats=retain")
+    assert rc == 0, err
+    for bar in ("statistics (retain)", "leakage:", "leakage forget:"):
+        assert bar in err, bar
 
 
 def test_resume_continues_a_run_to_the_same_adapter(world, tmp_path, capsys):

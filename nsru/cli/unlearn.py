@@ -98,16 +98,19 @@ def run(args, overrides: dict) -> int:
         raise UsageError(NO_RETAIN[need].format(method=cfg.method))
     bases = None
     if values.get("bases"):
-        from nsru.cli.subspace import read_bases
+        from nsru.subspace import BasesFileError, read_bases
 
-        if cfg.finetune != "adapter" or not project:
+        if not resolved.projects():
             raise UsageError(f"--bases applies to projected adapters; method {cfg.method!r} with "
-                             f"finetune={cfg.finetune}, project={project} has none")
+                             f"finetune={resolved.finetune}, project={project} has none")
         for key in ("target_modules", "layers"):
             if key in explicit and not args.resume:
                 raise UsageError(f"--bases fixes the adapted modules (those of the subspace run); drop {key}=")
-        bases = read_bases(values["bases"])
-        resolved = resolved.replace(target_modules=bases[0]["target_modules"], layers=bases[0]["layers"])
+        try:
+            bases = read_bases(values["bases"])
+        except BasesFileError as e:
+            raise UsageError(f"--bases {e}") from None
+        resolved = resolved.replace(target_modules=bases.meta["target_modules"], layers=bases.meta["layers"])
 
     save_every = resolved.save_every if "save_every" in explicit or previous_unlearn else max(
         1, resolved.steps // CHECKPOINTS_PER_RUN)
@@ -120,10 +123,14 @@ def run(args, overrides: dict) -> int:
     lm, tok = load_model(model, tokenizer=values.get("tokenizer"), dtype=values.get("dtype"),
                          device=values.get("device"), trust_remote_code=bool(values.get("trust_remote_code")),
                          log=run_dir.log)
-    call = resolved
-    if bases is not None:
-        call = _apply_bases(lm, resolved, bases, run_dir)
-    elif resolved.finetune == "adapter":  # the targets need the model; checked before the folder is made
+    if bases is not None:  # the modules need the model; checked before the folder is made
+        from nsru.adapt import check_bases
+
+        try:
+            check_bases(lm, bases.bases, resolved.r)
+        except ValueError as e:
+            raise UsageError(f"--bases: {e}") from None
+    elif resolved.finetune == "adapter":
         from nsru.adapt import check_targets
 
         targets = resolved.target_modules
@@ -135,11 +142,14 @@ def run(args, overrides: dict) -> int:
     _on_owner(lambda: run_dir.create(values, config_values, args.resume))
     run_dir.log(f"nsru unlearn: {'resuming' if args.resume else 'new'} run in {out} (method {resolved.method}, "
                 f"{resolved.steps} steps, {len(forget)} forget rows, {len(retain) if retain else 0} retain rows)")
+    if bases is not None:
+        run_dir.log(f"reusing the retain bases of {len(bases.bases)} modules from "
+                    f"{bases.meta.get('model') or 'a subspace run'} ({bases.meta.get('rule')})")
     import nsru
 
     started = time.perf_counter()
     try:
-        result = nsru.unlearn(lm, tok, forget, retain, config=call)
+        result = nsru.unlearn(lm, tok, forget, retain, config=resolved, bases=bases)
     except BaseException as e:
         if owner:
             _failed(run_dir, e, time.perf_counter() - started)
@@ -228,35 +238,14 @@ def _failed(run_dir: R.RunDir, error: BaseException, seconds: float) -> None:
         print(f"nothing was checkpointed, so {run_dir.path} holds no run: the same command can run again", flush=True)
 
 
-def _apply_bases(model, cfg, bases, run_dir):
-    """Adapters on the subspace run's modules with its bases; nsru.unlearn then skips the statistics
-    (project=False there means only "do not collect them": the forward, the init and the trainer
-    still project every lora_A onto the null space of the basis each layer holds)."""
-    from nsru.adapt import apply_nsru
-    from nsru.subspace import set_retain_bases
-
-    meta, tensors, _ = bases
-    try:
-        layers = apply_nsru(model, target_modules=list(meta["modules"]), r=cfg.r, alpha=cfg.alpha)
-    except ValueError as e:
-        raise UsageError(f"--bases: {e}") from None
-    wrong = [n for n, layer in layers.items() if tensors[n].shape[0] != layer.in_features]
-    if wrong:
-        raise UsageError(f"--bases: the basis of {wrong[0]!r} has {tensors[wrong[0]].shape[0]} rows but the module "
-                         f"reads {layers[wrong[0]].in_features} features: the bases are of another model")
-    set_retain_bases(model, {n: tensors[n] for n in layers})
-    run_dir.log(f"reusing the retain bases of {len(layers)} modules from {meta.get('model') or 'a subspace run'} "
-                f"({meta.get('rule')})")
-    return cfg.replace(project=False)
-
-
 def _basis_report(result, bases) -> dict:
-    from nsru.cli.subspace import summarize
+    """k and leakage per module; with ``--bases`` the subspace run's rule and statistics, and
+    ``from: bases``."""
+    from nsru.subspace import summarize_bases
 
-    if bases is not None:  # the statistics were not collected here: the subspace run's report
-        report = dict(bases[2])
+    made = bases.meta if bases is not None else {"rule": result.config.subspace, "stats": result.config.stats}
+    report = {"rule": made.get("rule"), "stats": made.get("stats"), **summarize_bases(result.bases_info),
+              "modules": result.bases_info, "init": result.init_info}
+    if bases is not None:
         report["from"] = "bases"
-        return report
-    modules = result.bases_info
-    return {"rule": result.config.subspace, "stats": result.config.stats, **summarize(modules),
-            "modules": modules, "init": result.init_info}
+    return report
