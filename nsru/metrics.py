@@ -139,11 +139,19 @@ def cloze_accuracy(model, tokenizer, rows: Sequence[Mapping], batch_size: int = 
     ``answer_text`` (a sentence that contains the right choice) each candidate is that sentence with
     the right choice replaced by the candidate choice, so the model scores the choice in context.
     Small chat models that cannot pick letters (chance on letter-scored multiple choice) are scored
-    well above chance this way. Returns ``{"acc", "values", "preds", "loglik"}``.
+    well above chance this way. A row may have ``prompt`` instead of ``question``: the whole text
+    before the answer as the model sees it (no chat template is applied to it: a few-shot
+    conversation, a system message, a pre-filled answer start or plain text to continue); its
+    candidates are scored as continuations of that text, after a space unless the prompt ends in
+    whitespace, without the eos a question's answer ends with. Returns ``{"acc", "values",
+    "preds", "loglik"}``.
     """
-    _require(rows, ("question", "choices", "answer"), "cloze_accuracy")
+    _require(rows, ("choices", "answer"), "cloze_accuracy")
     prompts, candidates = [], []
     for i, row in enumerate(rows):
+        if row.get("prompt") is None and row.get("question") is None:
+            raise ValueError(f"cloze_accuracy: row {i} has neither 'question' nor 'prompt' "
+                             f"(fields present: {', '.join(sorted(row))})")
         gold = row["answer"]
         if not isinstance(gold, int) or not 0 <= gold < len(row["choices"]):
             raise ValueError(f"cloze_accuracy: row {i}: answer {gold!r} is not an index into its {len(row['choices'])} choices")
@@ -151,8 +159,16 @@ def cloze_accuracy(model, tokenizer, rows: Sequence[Mapping], batch_size: int = 
         right = row["choices"][gold]
         if sentence is not None and right.lower() not in sentence.lower():
             raise ValueError(f"cloze_accuracy: row {i}: answer_text {sentence!r} does not contain the right choice {right!r}")
-        encoded = [encode_qa(tokenizer, row["question"], _replace_ci(sentence, right, c) if sentence is not None else c)
-                   for c in row["choices"]]
+        texts = [_replace_ci(sentence, right, c) if sentence is not None else c for c in row["choices"]]
+        if row.get("prompt") is not None:
+            prompt = row["prompt"]
+            sep = "" if prompt[-1:].isspace() else " "
+            prompts.append(prompt_ids(tokenizer, prompt, template=False))
+            candidates.append([list(tokenizer(sep + t, add_special_tokens=False)["input_ids"]) for t in texts])
+            if not all(candidates[-1]):
+                raise ValueError(f"cloze_accuracy: row {i}: a choice tokenises to nothing")
+            continue
+        encoded = [encode_qa(tokenizer, row["question"], t) for t in texts]
         cut = sum(1 for label in encoded[0]["labels"] if label == IGNORE_INDEX)
         prompts.append(encoded[0]["input_ids"][:cut])
         candidates.append([e["input_ids"][cut:] for e in encoded])

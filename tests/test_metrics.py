@@ -188,6 +188,30 @@ def test_cloze_accuracy_picks_the_most_likely_answer(model, tok, world):
         M.cloze_accuracy(model, tok, [{**mc[0], "answer": 7}])
 
 
+def test_cloze_accuracy_scores_prompt_rows_as_plain_continuations(model, tok, world):
+    """A row with ``prompt`` (the audit's few-shot, role-play, pre-filled and cloze probes): each
+    choice is the summed log-probability of its tokens after the prompt as written — after a
+    space unless the prompt ends in whitespace, no eos — and such rows mix with question rows."""
+    rows = world.split("forget10")[:3]
+    subjects = [r["subject"] for r in rows]
+    prompts = [{"prompt": f"Question: {r['question']}\nAnswer: Sure, here it is:", "choices": subjects,
+                "answer": i} for i, r in enumerate(rows)]
+    prompts.append({"prompt": "The weather today is\n", "choices": ["sunny", "rain"], "answer": 0})
+    question = {"question": rows[0]["question"], "choices": subjects, "answer": 0}
+    got = M.cloze_accuracy(model, tok, [*prompts, question], batch_size=8)
+    for row, scores in zip(prompts, got["loglik"]):
+        ids = list(tok(row["prompt"])["input_ids"])
+        sep = "" if row["prompt"].endswith("\n") else " "
+        for choice, score in zip(row["choices"], scores):
+            cont = list(tok(sep + choice, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ids + cont])).logits[0, len(ids) - 1:-1].log_softmax(-1)
+            assert score == pytest.approx(float(logp[torch.arange(len(cont)), torch.tensor(cont)].sum()), abs=1e-4)
+    assert got["loglik"][-1] == pytest.approx(M.cloze_accuracy(model, tok, [question])["loglik"][0], abs=1e-4)
+    with pytest.raises(ValueError, match="row 0 has neither 'question' nor 'prompt'"):
+        M.cloze_accuracy(model, tok, [{"choices": ["a", "b"], "answer": 0}])
+
+
 def test_perplexity_is_exp_of_mean_token_nll(model, tok):
     from nsru.data import encode_text
 
