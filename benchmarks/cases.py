@@ -271,7 +271,7 @@ def _trainer(model, method: str, params: dict, adapters: dict, forget, retain, c
     from nsru.methods import LossContext
     from nsru.sampler import Stream
     from nsru.train import Trainer
-    from nsru.unlearn import resolve_config
+    from nsru.pipeline import resolve_config
 
     options = {"batch_size": c["batch"], "steps": 10**6, "lr": 1e-3, "progress": False, "device": device}
     cfg, m = resolve_config(method, None, options)

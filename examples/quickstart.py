@@ -35,14 +35,14 @@ def _model(path: str | None):
 
 def _unlearn(model, retain, forget, target, steps: int, project: bool, energy: float):
     """Train the adapters to answer ``forget`` with ``target``; returns the adapted model."""
-    layers = nsru.apply_nsru(model, target_modules="all-linear", r=8, alpha=16)
+    adapters = nsru.apply_nsru(model, target_modules="all-linear", r=8, alpha=16)
     if project:
         moments = nsru.collect_second_moments(model, retain, progress=False)
         subspaces = nsru.retain_subspaces(moments, energy)
         nsru.set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
         leak = nsru.leakage(model, retain, progress=False)
-        ranks = [s.k for s in subspaces.values()]
-        print(f"  adapted {len(layers)} modules; retain subspace ranks {min(ranks)}-{max(ranks)}; "
+        ks = [s.k for s in subspaces.values()]
+        print(f"  adapted {len(adapters)} modules; retain subspace sizes k {min(ks)}-{max(ks)}; "
               f"mean leakage on retain data {sum(leak.values()) / len(leak):.3f}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()

@@ -8,8 +8,6 @@ cold one), and the first ``nsru.apply_nsru`` pays for them instead.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -35,6 +33,8 @@ _EXPORTS = {
     "METHODS": "nsru.methods",
     "get_method": "nsru.methods",
     "register_method": "nsru.methods",
+    "UnlearnResult": "nsru.pipeline",
+    "unlearn": "nsru.pipeline",
     "SafeTargets": "nsru.safe_targets",
     "is_safe_response": "nsru.safe_targets",
     "SecondMoments": "nsru.subspace",
@@ -44,10 +44,9 @@ _EXPORTS = {
     "retain_subspaces": "nsru.subspace",
     "set_retain_bases": "nsru.subspace",
     "Trainer": "nsru.train",
-    "UnlearnResult": "nsru.unlearn",
 }
 
-__all__ = sorted([*_EXPORTS, "ops", "unlearn"])
+__all__ = sorted([*_EXPORTS, "ops"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from nsru import ops
@@ -57,11 +56,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from nsru.data import QACollator, encode_qa, format_prompt, load_qa, load_text
     from nsru.layer import NSRULinear, adapter_disabled, nsru_modules
     from nsru.methods import METHODS, get_method, register_method
+    from nsru.pipeline import UnlearnResult, unlearn
     from nsru.safe_targets import SafeTargets, is_safe_response
     from nsru.subspace import (SecondMoments, collect_second_moments, leakage, retain_bases, retain_subspaces,
                                set_retain_bases)
     from nsru.train import Trainer
-    from nsru.unlearn import UnlearnResult, unlearn
 
 
 def __getattr__(name: str):
@@ -78,19 +77,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-class _Package(types.ModuleType):
-    """``nsru.unlearn`` is the function, although ``nsru/unlearn.py`` is also a submodule of that
-    name: importing the submodule makes the import system bind the package attribute to the module,
-    which this property ignores (``sys.modules["nsru.unlearn"]`` still holds the module)."""
-
-    @property
-    def unlearn(self):
-        return importlib.import_module("nsru.unlearn").unlearn
-
-    @unlearn.setter
-    def unlearn(self, value) -> None:
-        pass
-
-
-sys.modules[__name__].__class__ = _Package

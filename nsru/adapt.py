@@ -117,16 +117,17 @@ def check_targets(
     layers: str | Sequence[int] | None = None
 ) -> list[str]:
     """What :func:`apply_nsru` would adapt, checked without changing ``model``: the modules must
-    exist and each must be wide enough for its rank. Raises ``ValueError`` naming the first problem."""
+    exist and each must be wide enough for its ``r``. Raises ``ValueError`` naming the first problem."""
     names = find_target_modules(model, target_modules, layers)
     for name in names:
-        rank = r[name] if isinstance(r, dict) else r
+        r_here = r[name] if isinstance(r, dict) else r
         in_f, out_f, _ = _shape_of(model.get_submodule(name))
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"adapter rank r must be a positive integer, got {rank!r} for module {name!r}")
-        if rank > min(in_f, out_f):
-            raise ValueError(f"adapter rank r={rank} is larger than module {name!r} allows: it maps {in_f} -> {out_f} "
-                             f"features, so the rank can be at most {min(in_f, out_f)}")
+        if isinstance(r_here, bool) or not isinstance(r_here, int) or r_here < 1:
+            raise ValueError(f"r (the adapter's inner dimension) must be a positive integer, got {r_here!r} for "
+                             f"module {name!r}")
+        if r_here > min(in_f, out_f):
+            raise ValueError(f"r={r_here} is larger than module {name!r} allows: it maps {in_f} -> {out_f} features, "
+                             f"so r can be at most {min(in_f, out_f)}")
     return names
 
 
@@ -164,8 +165,8 @@ def apply_nsru(
     ``"10-19"``; all when ``None``) by ``NSRULinear``, in place.
 
     Every parameter of ``model`` is frozen; only the adapters' ``lora_A``/``lora_B`` train.
-    ``r`` and ``alpha`` may be dicts from module name to value (per-module rank selection).
-    Returns the new layers by name.
+    ``r`` (the adapters' inner dimension) and ``alpha`` may be dicts from module name to value
+    (a choice per module). Returns the new adapters by name.
     """
     existing = nsru_modules(model)
     if existing:
@@ -177,29 +178,29 @@ def apply_nsru(
     model.requires_grad_(False)
     adapted = {}
     for name in names:
-        rank = r[name] if isinstance(r, dict) else r
+        r_here = r[name] if isinstance(r, dict) else r
         a = alpha[name] if isinstance(alpha, dict) else alpha
-        layer = NSRULinear(model.get_submodule(name), r=rank, alpha=a, name=name)
-        _set_submodule(model, name, layer)
-        adapted[name] = layer
+        adapter = NSRULinear(model.get_submodule(name), r=r_here, alpha=a, name=name)
+        _set_submodule(model, name, adapter)
+        adapted[name] = adapter
     return adapted
 
 
 def merge_adapters(model: nn.Module) -> None:
-    for layer in nsru_modules(model).values():
-        layer.merge()
+    for adapter in nsru_modules(model).values():
+        adapter.merge()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    for layer in nsru_modules(model).values():
-        layer.unmerge()
+    for adapter in nsru_modules(model).values():
+        adapter.unmerge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight and put the plain base layers back; returns ``model``."""
-    for name, layer in nsru_modules(model).items():
-        layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+    for name, adapter in nsru_modules(model).items():
+        adapter.merge()
+        _set_submodule(model, name, adapter.base_layer)
     return model
 
 
@@ -208,8 +209,8 @@ def base_fingerprint(model: nn.Module) -> str | None:
     but the adapters'), the same with or without unmerged adapters in the model and for a float32
     or bfloat16 copy of the weights (values are hashed at bfloat16 precision). ``None`` where the
     base weights cannot be read as they are: an adapter is merged into them, or they are sharded."""
-    layers = nsru_modules(model)
-    if any(layer.merged for layer in layers.values()):
+    adapters = nsru_modules(model)
+    if any(adapter.merged for adapter in adapters.values()):
         return None
     h = hashlib.sha256()
     with torch.no_grad():
@@ -251,8 +252,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nsru"
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {', '.join(SAVE_FORMATS)}, got {format!r}")
-    layers = nsru_modules(model)
-    if not layers:
+    adapters = nsru_modules(model)
+    if not adapters:
         raise ValueError(f"{type(model).__name__} has no NSRU adapters to save; call apply_nsru() first")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -263,25 +264,25 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nsru"
 
         with torch.no_grad():
             entries = {
-                name: _PeftEntry(null_space_factor(layer.lora_A.detach(), layer.retain_basis).cpu(),
-                                 layer.lora_B.detach().cpu(), layer.r, layer.alpha,
-                                 not isinstance(layer.base_layer, nn.Linear))
-                for name, layer in layers.items()
+                name: _PeftEntry(null_space_factor(adapter.lora_A.detach(), adapter.retain_basis).cpu(),
+                                 adapter.lora_B.detach().cpu(), adapter.r, adapter.alpha,
+                                 not isinstance(adapter.base_layer, nn.Linear))
+                for name, adapter in adapters.items()
             }
         return _write_peft(out, entries, base_model_name_or_path)
     tensors, modules = {}, {}
-    for name, layer in layers.items():
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
-        tensors[f"{name}.retain_basis"] = layer.retain_basis.detach().cpu().clone()  # q/k/v share one basis in memory
+    for name, adapter in adapters.items():
+        tensors[f"{name}.lora_A"] = adapter.lora_A.detach().cpu().contiguous()
+        tensors[f"{name}.lora_B"] = adapter.lora_B.detach().cpu().contiguous()
+        tensors[f"{name}.retain_basis"] = adapter.retain_basis.detach().cpu().clone()  # q/k/v share one basis in memory
         modules[name] = {
-            "r": layer.r,
-            "alpha": layer.alpha,
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
-            "k": layer.k,
+            "r": adapter.r,
+            "alpha": adapter.alpha,
+            "in_features": adapter.in_features,
+            "out_features": adapter.out_features,
+            "k": adapter.k,
         }
-        if not isinstance(layer.base_layer, nn.Linear):
+        if not isinstance(adapter.base_layer, nn.Linear):
             modules[name]["conv1d"] = True  # transformers' Conv1D (weight stored as in × out): PEFT's fan_in_fan_out
     config = {"format": ADAPTER_FORMAT, "version": 1, "base_model_class": type(model).__name__,
               "base_model_name_or_path": base_model_name_or_path, "base_fingerprint": base_fingerprint(model),
@@ -300,8 +301,8 @@ class _PeftEntry(NamedTuple):
 
 
 def _write_peft(out: Path, entries: dict[str, _PeftEntry], base_model_name_or_path: str | None) -> Path:
-    """PEFT's LoRA files for ``entries``: the most common rank and alpha become ``r`` and
-    ``lora_alpha``, the others go to ``rank_pattern`` / ``alpha_pattern`` (keys: escaped full names,
+    """PEFT's LoRA files for ``entries``: the most common ``r`` and alpha become ``r`` and
+    ``lora_alpha``, the others go to PEFT's ``rank_pattern`` / ``alpha_pattern`` (keys: escaped full names,
     which PEFT matches as regular expressions)."""
     fan_in_fan_out = {e.conv1d for e in entries.values()}
     if len(fan_in_fan_out) > 1:
@@ -393,17 +394,18 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULinear]:
     """Load an adapter written by :func:`save_adapter` into ``model``.
 
-    Adapters are added first where the model has none (from the config's module list, ranks and
-    alphas). Every tensor's shape is checked against its module before anything is copied, so a
-    mismatched file leaves the model as it was. An adapter trained on other base weights (its
-    recorded :func:`base_fingerprint` differs from the model's) loads with a warning naming both.
+    Adapters are added first where the model has none (from the config's module list and each
+    module's ``r`` and alpha). Every tensor's shape is checked against its module before anything
+    is copied, so a mismatched file leaves the model as it was. An adapter trained on other base
+    weights (its recorded :func:`base_fingerprint` differs from the model's) loads with a warning
+    naming both.
     """
     folder = Path(path)
     config = _read_config(folder)
     tensors = _read_weights(folder)
     entries = config["modules"]
-    layers = nsru_modules(model)
-    if not layers:
+    adapters = nsru_modules(model)
+    if not adapters:
         present = {n for n, _ in model.named_modules()}
         missing = [n for n in entries if n not in present]
         if missing:
@@ -414,31 +416,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, NSRULin
             if not is_linear(module):
                 raise ValueError(f"{folder}: module {name!r} of the model is {type(module).__name__}, not a linear layer")
         _check_shapes(folder, entries, tensors, {n: _shape_of(model.get_submodule(n)) for n in entries})
-        layers = apply_nsru(
+        adapters = apply_nsru(
             model,
             target_modules=list(entries),
             r={n: int(e["r"]) for n, e in entries.items()},
             alpha={n: float(e["alpha"]) for n, e in entries.items()},
         )
-        layers = {n: layers[n] for n in entries}
+        adapters = {n: adapters[n] for n in entries}
     else:
-        missing = [n for n in entries if n not in layers]
+        missing = [n for n in entries if n not in adapters]
         if missing:
             raise ValueError(f"{folder}: adapter module {missing[0]!r} has no NSRULinear in the model "
-                             f"(the model's adapters: {', '.join(list(layers)[:5])}...)")
-        shapes = {n: (layers[n].in_features, layers[n].out_features, layers[n].r) for n in entries}
+                             f"(the model's adapters: {', '.join(list(adapters)[:5])}...)")
+        shapes = {n: (adapters[n].in_features, adapters[n].out_features, adapters[n].r) for n in entries}
         _check_shapes(folder, entries, tensors, shapes)
     _check_fingerprint(folder, config, model)
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, adapter in adapters.items():
             if name not in entries:
                 continue
-            if layer.merged:
+            if adapter.merged:
                 raise RuntimeError(f"module {name!r} is merged; unmerge() before loading an adapter into it")
-            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
-            layer.retain_basis = tensors[f"{name}.retain_basis"].to(layer.lora_A.device, torch.float32)
-    return layers
+            adapter.lora_A.copy_(tensors[f"{name}.lora_A"])
+            adapter.lora_B.copy_(tensors[f"{name}.lora_B"])
+            adapter.retain_basis = tensors[f"{name}.retain_basis"].to(adapter.lora_A.device, torch.float32)
+    return adapters
 
 
 def _shape_of(module: nn.Module) -> tuple[int, int, None]:

@@ -68,7 +68,7 @@ class UnlearnConfig:
     # --- what is trained
     finetune: str = "adapter"  # adapter (NSRU/LoRA factors) | full (every parameter; baselines)
     target_modules: Any = "all-linear"  # PEFT semantics: list of names, regex, or "all-linear"
-    r: int = 8  # adapter rank (PEFT's name)
+    r: int = 8  # the adapters' inner dimension: A is r × in, B is out × r (PEFT's name)
     alpha: float = 16.0
     init: str = "random"  # random (then projected) | forget (top-r eigvecs of P⊥ C_forget P⊥)
     subspace: str = DEFAULT_RULE  # retain-subspace rule, e.g. "energy=0.9", "k=16", "tail=1e-3,min_null=8"
@@ -139,7 +139,7 @@ class UnlearnConfig:
         need(self.schedule in ("linear", "cosine", "constant"),
              f"schedule must be linear, cosine or constant, got {self.schedule!r}")
         need(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
-             f"r (the adapter rank) must be a positive integer, got {self.r!r}")
+             f"r (the adapters' inner dimension) must be a positive integer, got {self.r!r}")
         try:
             self.subspace = str(SubspaceRule.parse(self.subspace))
         except ValueError as e:
@@ -334,9 +334,9 @@ HELP = {
     "rmu_layer": "RMU: the layer whose activations are steered (null: 7/32 of the depth)",
     "rmu_steering": "RMU: steering norm (null: rmu_steering_scale x the mean hidden norm on forget data)",
     "rmu_steering_scale": "RMU: steering norm as a multiple of the mean hidden norm",
-    "finetune": "what trains: adapter (the low-rank factors) or full (every parameter; baselines only)",
+    "finetune": "what trains: adapter (the factors A and B) or full (every parameter; baselines only)",
     "target_modules": "modules that get adapters, as PEFT: all-linear, a list of names, or a regex on full names",
-    "r": "adapter rank",
+    "r": "inner dimension of the adapters: A is r x in, B is out x r",
     "alpha": "adapter scale numerator: the update is (alpha / r) B A",
     "init": "adapter A init: random (then projected) or forget (directions forget data uses, retain data not)",
     "subspace": "retain-subspace rule: energy=0.9 (fraction of the trace), k=16, abs=X, tail=X, mean=X; "

@@ -100,11 +100,13 @@ def describe(sources: Mapping[str, list[dict]]) -> dict[str, dict]:
     return {name: {"rows": len(enc), "tokens": sum(len(e["input_ids"]) for e in enc)} for name, enc in sources.items()}
 
 
-def collect_statistics(model: nn.Module, sources: Mapping[str, list[dict]], batches,
-                       progress: bool = False) -> tuple[SecondMoments, list]:
-    """The retain statistics of ``sources`` (each source's mean second moment weighing equally),
-    summed over the processes, and every source's batches (``batches(encodings)`` makes them).
-    ``progress``: a bar per source, ``statistics (NAME)``, counting its batches."""
+def global_source_means(model: nn.Module, sources: Mapping[str, list[dict]], batches,
+                        progress: bool = False) -> tuple[SecondMoments, list]:
+    """The retain statistics of ``sources``: each source's mean second moment over the data of
+    every process (where :func:`nsru.subspace.collect_second_moments` gives this process's raw
+    sums), the means added so that each source weighs equally; and every source's batches
+    (``batches(encodings)`` makes them). ``progress``: a bar per source, ``statistics (NAME)``,
+    counting its batches."""
     combined: SecondMoments | None = None
     everything: list = []
     for name, encodings in sources.items():

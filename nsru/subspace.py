@@ -133,7 +133,9 @@ def collect_second_moments(
     progress: bool = True,
     desc: str = "retain statistics",
 ) -> SecondMoments:
-    """Accumulate the input second moment of every adapted module over ``batches``.
+    """Accumulate the input second moment of every adapted module over ``batches``: raw sums
+    and token counts of this process (``.all_reduce()`` adds the other processes', ``.normalize_()``
+    turns sums into means; :func:`nsru.stats_sources.global_source_means` does both per source).
 
     ``batches`` yields dicts for ``model(**batch)``; tokens where ``attention_mask`` is 0 are left
     out. Runs the model without gradients and with its adapters disabled, so the statistics
@@ -220,12 +222,12 @@ def retain_bases(
 
 def set_retain_bases(model: nn.Module, bases: Mapping[str, torch.Tensor]) -> None:
     """Give each named adapter its retain basis (and project its ``lora_A`` off it)."""
-    layers = nsru_modules(model)
-    unknown = [n for n in bases if n not in layers]
+    adapters = nsru_modules(model)
+    unknown = [n for n in bases if n not in adapters]
     if unknown:
         raise KeyError(f"no NSRU adapter named {unknown[0]!r} in {type(model).__name__} ({len(unknown)} unknown names)")
     for name, basis in bases.items():
-        layers[name].set_retain_basis(basis)
+        adapters[name].set_retain_basis(basis)
 
 
 def leakage(
@@ -240,22 +242,22 @@ def leakage(
     It bounds how far the adapter can move the module's outputs on this data (``‖ΔW h‖ ≤ ‖ΔW‖‖P⊥h‖``):
     0 means the data lies in the retain subspace.
     """
-    layers: dict[str, NSRULinear] = nsru_modules(model)
-    if not layers:
+    adapters: dict[str, NSRULinear] = nsru_modules(model)
+    if not adapters:
         raise ValueError(f"{type(model).__name__} has no NSRU adapters; call nsru.apply_nsru() first")
-    totals = {n: 0.0 for n in layers}
-    counts = {n: 0 for n in layers}
+    totals = {n: 0.0 for n in adapters}
+    counts = {n: 0 for n in adapters}
     current = {"mask": None}
 
-    def hook(name: str, layer: NSRULinear):
+    def hook(name: str, adapter: NSRULinear):
         def pre_hook(module, args):
-            h = args[0].detach().reshape(-1, layer.in_features).float()
+            h = args[0].detach().reshape(-1, adapter.in_features).float()
             mask = _row_mask(args[0], current["mask"])
             if mask is not None:
                 h = h[mask.to(torch.bool)]
             if h.shape[0] == 0:
                 return
-            u = layer.retain_basis
+            u = adapter.retain_basis
             outside = h - (h @ u) @ u.T if u.shape[1] else h
             ratio = outside.pow(2).sum(-1) / h.pow(2).sum(-1).clamp_min(1e-30)
             totals[name] += float(ratio.sum())
@@ -263,9 +265,9 @@ def leakage(
 
         return pre_hook
 
-    hooks = {m: hook(n, m) for n, m in layers.items()}
+    hooks = {m: hook(n, m) for n, m in adapters.items()}
     _run_hooked(model, batches, hooks, desc, progress, lambda batch: current.__setitem__("mask", batch.get("attention_mask")))
-    return {n: totals[n] / counts[n] if counts[n] else float("nan") for n in layers}
+    return {n: totals[n] / counts[n] if counts[n] else float("nan") for n in adapters}
 
 
 def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:

@@ -14,10 +14,10 @@ def _randomise_all(model, seed=1, scale=0.1):
     """Non-zero adapters; ``scale`` sets the size of lora_B (ΔW comparable to W at scale ~0.02)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in nsru.nsru_modules(model).values():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) / layer.in_features**0.5)
-            layer.lora_B.copy_(scale * torch.randn(layer.lora_B.shape, generator=g))
-            layer.set_retain_basis(layer.retain_basis)  # keep A in the null space
+        for adapter in nsru.nsru_modules(model).values():
+            adapter.lora_A.copy_(torch.randn(adapter.lora_A.shape, generator=g) / adapter.in_features**0.5)
+            adapter.lora_B.copy_(scale * torch.randn(adapter.lora_B.shape, generator=g))
+            adapter.set_retain_basis(adapter.retain_basis)  # keep A in the null space
 
 
 def _logits(model, batch):
@@ -62,21 +62,21 @@ def test_applying_twice_is_an_error():
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_module_outputs_inside_span_equal_base_outputs(make):
     model = make()
-    layers = nsru.apply_nsru(model, r=4, alpha=8)
+    adapters = nsru.apply_nsru(model, r=4, alpha=8)
     g = torch.Generator().manual_seed(3)
-    for layer in layers.values():
-        k = layer.in_features // 2
-        u = torch.linalg.qr(torch.randn(layer.in_features, k, generator=g))[0]
-        layer.set_retain_basis(u)
+    for adapter in adapters.values():
+        k = adapter.in_features // 2
+        u = torch.linalg.qr(torch.randn(adapter.in_features, k, generator=g))[0]
+        adapter.set_retain_basis(u)
     _randomise_all(model)
-    for name, layer in layers.items():
-        u = layer.retain_basis
+    for name, adapter in adapters.items():
+        u = adapter.retain_basis
         inside = torch.randn(20, u.shape[1], generator=g) @ u.T
-        outside = torch.randn(20, layer.in_features, generator=g)
+        outside = torch.randn(20, adapter.in_features, generator=g)
         with torch.no_grad():
-            base_in, base_out = layer.base_layer(inside), layer.base_layer(outside)
-            assert (layer(inside) - base_in).norm() <= 1e-5 * base_in.norm(), name
-            assert (layer(outside) - base_out).norm() > 1e-3 * base_out.norm(), name
+            base_in, base_out = adapter.base_layer(inside), adapter.base_layer(outside)
+            assert (adapter(inside) - base_in).norm() <= 1e-5 * base_in.norm(), name
+            assert (adapter(outside) - base_out).norm() > 1e-3 * base_out.norm(), name
 
 
 def test_retain_data_logits_unchanged_end_to_end():
@@ -104,10 +104,10 @@ def test_lora_A_gradients_stay_in_null_space():
     _randomise_all(model)
     batch = token_batches(1, seed=5)[0]
     model(**batch, labels=batch["input_ids"]).loss.backward()
-    for name, layer in nsru.nsru_modules(model).items():
-        g = layer.lora_A.grad
+    for name, adapter in nsru.nsru_modules(model).items():
+        g = adapter.lora_A.grad
         assert g is not None and g.norm() > 0, name
-        assert (g @ layer.retain_basis).norm() <= 1e-5 * g.norm(), name
+        assert (g @ adapter.retain_basis).norm() <= 1e-5 * g.norm(), name
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
@@ -220,4 +220,4 @@ def test_torch_compile_runs_on_adapted_model():
     out = compiled(**batch, labels=batch["input_ids"])
     torch.testing.assert_close(out.logits.detach(), eager, rtol=1e-4, atol=1e-4)
     out.loss.backward()
-    assert all(layer.lora_A.grad is not None for layer in nsru.nsru_modules(model).values())
+    assert all(adapter.lora_A.grad is not None for adapter in nsru.nsru_modules(model).values())

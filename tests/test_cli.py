@@ -100,12 +100,14 @@ def test_python_m_nsru():
     assert done.returncode == 0 and done.stdout.startswith("nsru ")
 
 
-def test_nsru_unlearn_is_the_function_after_its_module_is_imported():
-    import nsru
-    import nsru.unlearn  # noqa: F401  (binds the submodule on the package; the function must win)
-    from nsru.unlearn import unlearn
+def test_nsru_unlearn_is_the_function_and_no_module_has_its_name():
+    import importlib.util
 
-    assert nsru.unlearn is unlearn
+    import nsru
+    import nsru.pipeline
+
+    assert nsru.unlearn is nsru.pipeline.unlearn and nsru.UnlearnResult is nsru.pipeline.UnlearnResult
+    assert importlib.util.find_spec("nsru.unlearn") is None  # the module is nsru.pipeline
 
 
 def test_help_explains_every_option(capsys):
@@ -384,7 +386,7 @@ REJECTED = [
     (["lr=abc"], r"option 'lr' must be a number, got 'abc'"),
     (["steps=-1"], r"steps must be at least 1, got -1"),
     (["steps=2.5"], r"option 'steps' must be an integer, got 2.5"),
-    (["r=0"], r"r \(the adapter rank\) must be a positive integer, got 0"),
+    (["r=0"], r"r \(the adapters' inner dimension\) must be a positive integer, got 0"),
     (["subspace=energy=2"], r"subspace: "),
     (["method=nope"], r"unknown unlearning method 'nope'; known: "),
     (["bogus"], r"unrecognized argument 'bogus': options are --flags or key=value"),

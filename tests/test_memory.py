@@ -11,7 +11,7 @@ from nsru.methods import LossContext
 from nsru.sampler import Stream
 from nsru.subspace import collect_second_moments, retain_subspaces, set_retain_bases
 from nsru.train import Trainer
-from nsru.unlearn import resolve_config
+from nsru.pipeline import resolve_config
 from tinylm import one_thread
 
 

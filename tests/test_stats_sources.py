@@ -9,7 +9,7 @@ import torch
 import nsru
 from nsru.config import ConfigError
 from nsru.self_samples import sample_self, subjects_of
-from nsru.stats_sources import collect_statistics, describe, stats_encodings
+from nsru.stats_sources import describe, global_source_means, stats_encodings
 from tinylm import one_thread, trained_world_model
 
 
@@ -90,8 +90,8 @@ def test_bad_stats_and_layers_are_refused_by_name_before_any_work(tmp_path):
 
 def test_layer_band_limits_the_adapters():
     model, tok, forget, retain = trained_world_model()
-    layers = nsru.apply_nsru(model, layers="1")
-    assert layers and all(".layers.1." in n for n in layers)
+    adapters = nsru.apply_nsru(model, layers="1")
+    assert adapters and all(".layers.1." in n for n in adapters)
     model, *_ = trained_world_model()
     with pytest.raises(ValueError, match="selects none of the matched modules; their layers are 0-1"):
         nsru.apply_nsru(model, layers="5-7")
@@ -114,14 +114,14 @@ def test_each_source_weighs_equally_whatever_its_size():
                 for i in range(0, len(encodings), 8)]
 
     kw = dict(model=model, tokenizer=tok, forget_rows=forget)
-    one, _ = collect_statistics(model, stats_encodings(["retain"], retain_rows=retain, **kw), batches)
+    one, _ = global_source_means(model, stats_encodings(["retain"], retain_rows=retain, **kw), batches)
     plain = nsru.collect_second_moments(model, batches(stats_encodings(["retain"], retain_rows=retain, **kw)["retain"]),
                                         progress=False)
     forget_only = nsru.collect_second_moments(model, batches(stats_encodings(["retain"], retain_rows=forget, **kw)["retain"]),
                                               progress=False)
     sources = {"retain": stats_encodings(["retain"], retain_rows=retain, **kw)["retain"],
                "forget x10": stats_encodings(["retain"], retain_rows=forget * 10, **kw)["retain"]}
-    mixed, _ = collect_statistics(model, sources, batches)
+    mixed, _ = global_source_means(model, sources, batches)
     for name in plain.names():
         torch.testing.assert_close(one[name], plain[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(mixed[name], (plain[name] + forget_only[name]) / 2, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Retain statistics from hooks, bases by rank rule, leakage."""
+"""Retain statistics from hooks, bases by the subspace rule, leakage."""
 
 import pytest
 import torch
@@ -73,7 +73,7 @@ def test_statistics_describe_the_original_model_and_accumulate():
     torch.testing.assert_close(whole[name], inputs[name].T @ inputs[name] / inputs[name].shape[0])
 
 
-def test_rank_rules():
+def test_subspace_size_rules():
     model = tiny_llama()
     nsru.apply_nsru(model, r=2)
     moments = nsru.collect_second_moments(model, token_batches(3), progress=False)

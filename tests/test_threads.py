@@ -9,7 +9,8 @@ import torch
 import nsru
 from nsru import cli
 from nsru.bench.models import default_threads
-from nsru.stats_sources import collect_statistics, encode_rows, sample_self
+from nsru.self_samples import sample_self
+from nsru.stats_sources import encode_rows, global_source_means
 from nsru.threads import ENV, available_cpus, resolve_threads, use_threads
 from tinylm import one_thread, tiny_llama, tiny_world, word_tokenizer
 
@@ -147,7 +148,7 @@ def test_statistics_and_self_samples_show_a_bar_when_progress_is_on(world, capfd
     nsru.apply_nsru(model, r=2)
     with one_thread():
         sources = {"retain": encode_rows(retain, tok, None), "self": encode_rows(retain[:3], tok, None)}
-        collect_statistics(model, sources, _batches(tok), progress=progress)
+        global_source_means(model, sources, _batches(tok), progress=progress)
         sample_self(model, tok, 5, max_new_tokens=2, batch_size=2, cache=tmp_path, progress=progress)
         sample_self(model, tok, 5, max_new_tokens=2, batch_size=2, cache=tmp_path, progress=progress)  # cached
     err = capfd.readouterr().err

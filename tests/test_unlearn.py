@@ -190,7 +190,7 @@ def test_forget_aligned_init_forgets_faster_early():
 
 
 def test_method_defaults_fill_only_unset_options():
-    from nsru.unlearn import resolve_config
+    from nsru.pipeline import resolve_config
 
     cfg, m = resolve_config("nsru", None, {})
     assert (cfg.safe_weight, cfg.suppress_weight, cfg.retain_weight, cfg.project) == (1.0, 0.3, 3.0, True)

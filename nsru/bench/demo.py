@@ -100,7 +100,7 @@ def run_demo(out="nsru-demo", seeds: int = 1, quick: bool = False, methods=METHO
     (defaults: the shipped ones; tests pass tiny ones); ``options``: further ``nsru.unlearn`` options
     for every method (e.g. ``{"stats": "self"}``).
     """
-    from nsru.unlearn import unlearn
+    from nsru.pipeline import unlearn
 
     check_budget(seeds, steps, lr, methods)
     started = time.perf_counter()

@@ -157,7 +157,7 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
     ``names``: a subset of :func:`variants` (all by default); ``options``: further ``nsru.unlearn``
     options for every run (e.g. ``{"subspace": "tail=1e-3"}``); ``facts`` and ``load`` (a callable
     returning a fresh ``(model, tokenizer)``) replace the shipped fact set and SmolLM2 (tests)."""
-    from nsru.unlearn import unlearn
+    from nsru.pipeline import unlearn
 
     started = time.perf_counter()
     out = Path(out)

@@ -74,7 +74,7 @@ def compute_and_save(model, tokenizer, cfg, retain, forget, out: Path, model_nam
     from nsru.adapt import apply_nsru
     from nsru.stats_sources import encode_rows
     from nsru.subspace import save_bases, summarize_bases
-    from nsru.unlearn import fit_retain_bases
+    from nsru.pipeline import fit_retain_bases
 
     apply_nsru(model, target_modules=cfg.target_modules, r=1, alpha=1.0, layers=cfg.layers)
     encode = lambda rows: encode_rows(rows, tokenizer, cfg.max_length) if rows is not None else None  # noqa: E731

@@ -2,7 +2,7 @@
 
 Everything the command can check is checked before the model loads: the options (names, types,
 ranges), the method, the model folder, every data row, the bases folder and the output folder; the
-target modules and ranks right after it loads. Nothing is written to ``--out`` before all of these
+target modules and their r right after it loads. Nothing is written to ``--out`` before all of these
 passed, and a new run that stops before its first checkpoint takes its files away again, so the
 same command can run again. Under ``torchrun`` rank 0 owns the run folder (its checks, config, log,
 history and adapter); the other processes share its verdicts and train beside it.
@@ -83,7 +83,7 @@ def run(args, overrides: dict) -> int:
     explicit = {**file_unlearn, **overrides}
     cfg = build_config({**previous_unlearn, **file_unlearn}, overrides, args.config or "")
 
-    from nsru.unlearn import resolve_config
+    from nsru.pipeline import resolve_config
 
     resolved, method = resolve_config(None, cfg, {})  # the method's switches and loss weights filled in
     model = check_model_path(values.get("model"))

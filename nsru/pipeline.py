@@ -1,9 +1,11 @@
-"""``nsru.unlearn``: one call from a model, a tokenizer and forget/retain data to an unlearned model.
+"""The unlearning pipeline: :func:`unlearn` (``nsru.unlearn``), one call from a model, a tokenizer
+and forget/retain data to an unlearned model, and :func:`fit_retain_bases`, its statistics -> bases
+-> leakage step (which ``nsru subspace`` runs alone).
 
     result = nsru.unlearn(model, tokenizer, forget="forget10.json", retain="retain90.json")
     result.model        # the same model object, adapted in place (adapters unmerged)
     result.history      # per-step loss terms
-    result.bases_info   # per module: k (retain-subspace rank) and leakage on the retain data
+    result.bases_info   # per module: k (retain-subspace size) and leakage on the retain data
 
 Steps: load and tokenise the data; add adapters; collect the retain statistics (all-reduced
 across processes) and set the retain bases (:func:`fit_retain_bases`, which ``nsru subspace`` runs
@@ -31,7 +33,7 @@ from nsru.distributed import dist_info, init_distributed_from_env, run_on_rank0
 from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
-from nsru.stats_sources import collect_statistics, describe, stats_encodings
+from nsru.stats_sources import describe, global_source_means, stats_encodings
 from nsru.sampler import Stream
 from nsru.subspace import (SavedBases, SecondMoments, basis_info, collect_second_moments, read_bases,
                            retain_subspaces, set_retain_bases, summarize_bases)
@@ -158,8 +160,8 @@ def fit_retain_bases(
         stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
         max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
         self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed, progress=progress)
-    moments, stat_batches = collect_statistics(model, sources, lambda enc: _stat_batches(enc, pad_id, device),
-                                               progress=progress)
+    moments, stat_batches = global_source_means(model, sources, lambda enc: _stat_batches(enc, pad_id, device),
+                                                progress=progress)
     subspaces = retain_subspaces(moments, cfg.subspace_rule)
     kept = moments if keep_moments else None
     del moments  # d² floats per module group: not kept through training unless asked for
@@ -263,11 +265,11 @@ def unlearn(
                                  "adapters; give a model without adapters, or bases for exactly its adapters")
             set_retain_bases(model, given.bases)
         params = {}
-        for name, layer in adapters.items():
-            params[f"{name}.lora_A"] = layer.lora_A
-            params[f"{name}.lora_B"] = layer.lora_B
-            layer.lora_A.requires_grad_(True)
-            layer.lora_B.requires_grad_(True)
+        for name, adapter in adapters.items():
+            params[f"{name}.lora_A"] = adapter.lora_A
+            params[f"{name}.lora_B"] = adapter.lora_B
+            adapter.lora_A.requires_grad_(True)
+            adapter.lora_B.requires_grad_(True)
     else:
         if needs_ref:
             # Full fine-tuning has no adapter to switch off: the reference is a frozen copy.
@@ -291,8 +293,8 @@ def unlearn(
         bases_info, stats_report = fit.modules, fit.sources
     else:
         # No projection: the adapter may move every direction (leakage 1 by definition).
-        bases_info = {name: {"k": 0, "in_features": layer.in_features, "capped": False, "leakage": 1.0}
-                      for name, layer in adapters.items()}
+        bases_info = {name: {"k": 0, "in_features": adapter.in_features, "capped": False, "leakage": 1.0}
+                      for name, adapter in adapters.items()}
 
     init_info: dict = {}
     if adapters:
