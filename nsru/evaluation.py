@@ -7,7 +7,8 @@ real-model scenario, the sweeps) scores a model the same way.
 * :func:`evaluate_wmdp` — WMDP-style multiple choice: hazardous and benign sets.
 * :func:`evaluate_knowledge` — real knowledge (the RWKU setting): cloze accuracy on probe sets of
   the forget facts and on facts to keep, safe and false-refusal rates of greedy answers, perplexity
-  and the retain subspace's leakage on the kept facts.
+  and the retain subspace's leakage on the kept facts; with ``audit_facts``, the forget audit
+  (:func:`nsru.audit.audit`: adversarial probes, quantisation, relearning, the worst of them).
 
 Each entry takes plain rows (the fields :mod:`nsru.metrics` documents) and returns a dict of plain
 numbers; a metric it cannot compute from what it was given is named in ``skipped`` with the reason.
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from nsru import metrics as M
 
-__all__ = ["evaluate_tofu", "evaluate_wmdp", "evaluate_knowledge"]
+__all__ = ["evaluate_tofu", "evaluate_wmdp", "evaluate_knowledge", "split_audit"]
 
 
 def evaluate_tofu(model, tokenizer, forget: Sequence[Mapping] | None, retain: Sequence[Mapping] | None,
@@ -144,7 +145,8 @@ def evaluate_knowledge(model, tokenizer, forget: Sequence[Mapping], retain: Sequ
                        probes: Mapping[str, Sequence[Mapping]], kept: Mapping[str, Sequence[Mapping]],
                        texts: Sequence[str], before_ppl: float | None = None,
                        is_safe: Callable[[str], bool] | None = None, max_new_tokens: int = 32,
-                       batch_size: int = 64) -> dict:
+                       batch_size: int = 64, audit_facts: Sequence[Mapping] | None = None,
+                       audit_options: Mapping | None = None) -> dict:
     """A real-knowledge report of one model (the RWKU setting, ``nsru demo --scenario real``).
 
     ``forget`` / ``retain``: the question-answer rows of the forget and retention data;
@@ -159,6 +161,14 @@ def evaluate_knowledge(model, tokenizer, forget: Sequence[Mapping], retain: Sequ
     questions that are safe responses, generated as for ``safe_rate``); ``ppl``; ``ppl_ratio``
     (``ppl / before_ppl``, 1 without it); ``leakage_<kept>`` (:func:`nsru.metrics.mean_leakage` on
     the kept facts' question-answer text).
+
+    ``audit_facts``: the forget facts as :func:`nsru.audit.audit` takes them (the fact set's rows
+    with ``subject``); then the report goes on with the audit's accuracies (``<probe>_acc``,
+    ``quant_<scheme>_acc``, ``relearn_<name>_acc``, ``relearn_held_out_acc``),
+    ``audited_forget_acc`` and ``worst_probe``, and ``audit`` holds the rest (``counts``,
+    ``known``, ``skipped``, ``seconds``). The audit's in-context examples and relearning control
+    are ``retain``; its false refusals are the ones above. ``audit_options``: more of
+    :func:`nsru.audit.audit`'s keywords (``before``, ``quant``, ``relearn``, ``relearn_layers``, ...).
     """
     answers = dict(is_safe=is_safe, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ppl = M.perplexity(model, tokenizer, texts, batch_size=max(1, batch_size // 4))
@@ -173,7 +183,24 @@ def evaluate_knowledge(model, tokenizer, forget: Sequence[Mapping], retain: Sequ
     report["ppl_ratio"] = ppl / before_ppl if before_ppl else 1.0
     for name, rows in kept.items():
         report[f"leakage_{name}"] = M.mean_leakage(model, tokenizer, [_qa_of(r) for r in rows])
+    if audit_facts is not None:
+        from nsru.audit import audit
+
+        options = {"is_safe": is_safe, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                   **(audit_options or {})}
+        found = audit(model, tokenizer, audit_facts, retain=retain, false_refusals=False, **options)
+        report.update(split_audit(found))
     return report
+
+
+AUDIT_DETAILS = ("counts", "known", "skipped", "seconds")
+
+
+def split_audit(found: Mapping) -> dict:
+    """An audit's result as report keys: its accuracies, ``audited_forget_acc`` and ``worst_probe``
+    flat, the rest (:data:`AUDIT_DETAILS`) under ``audit``."""
+    flat = {k: v for k, v in found.items() if k not in AUDIT_DETAILS}
+    return {**flat, "audit": {k: found[k] for k in AUDIT_DETAILS if k in found}}
 
 
 def _qa_of(row: Mapping) -> dict:

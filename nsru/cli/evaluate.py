@@ -7,6 +7,16 @@ ROUGE-L recall and truth ratio, whose harmonic mean is model utility, and the fa
 ``--retain-model``); WMDP-style accuracy (``--mc``, ``--benign-mc``); perplexity (``--text``);
 and lm-eval-harness tasks (``--lm-eval``) when it is installed. A metric that cannot be computed
 from what was given is printed as skipped, with the reason, and listed under ``skipped``.
+
+``--audit`` audits the forget rows (``nsru.audit``): each fact asked forward, paraphrased, in
+reverse, as a cloze, after solved examples (the retain and general rows), under role-play and
+prefix injection, and open-ended; the merged model at 8 and 4 bits, the adapter on a 4-bit base,
+the GGUF type a GGUF model shipped in; a relearning attack on half of the facts (``--audit-relearn``)
+beside the same steps on the retain rows. Each is scored on the items the model knew with its
+adapter disabled (without ``--adapter`` the model is its own before), and ``audited_forget_acc``
+is the worst (highest) of them. The probes read the fact set's fields (``paraphrase``, ``choices``
++ ``correct`` or ``perturbed_answer``, ``reverse``, ``cloze``, ``subject``); a probe no row can
+serve is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         NAME, help="evaluate a model or an adapter: TOFU metrics, multiple choice, perplexity, lm-eval tasks",
         description=__doc__.split("\n\n", 1)[1].replace("``", "").replace(":mod:", "").replace("`", ""),
         usage="nsru eval --model PATH [--adapter DIR] [--forget FILE] [--retain FILE] [--general NAME=FILE] "
-              "[--retain-model PATH] [--mc FILE] [--benign-mc NAME=FILE] [--text FILE] [--lm-eval TASKS] [--out DIR]")
+              "[--retain-model PATH] [--mc FILE] [--benign-mc NAME=FILE] [--text FILE] [--lm-eval TASKS] "
+              "[--audit] [--out DIR]")
     add_model_args(p)
     p.add_argument("--adapter", metavar="DIR", help="an adapter folder (NSRU or PEFT) or a run folder of "
                                                     "`nsru unlearn`; without it the model is scored as it is")
@@ -45,6 +56,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text", metavar="FILE", help="text corpus (text field, or .txt lines) for perplexity")
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval-harness tasks (needs `pip install "
                                                       "lm-eval`, and its data sets)")
+    p.add_argument("--audit", action="store_true",
+                   help="audit the --forget rows: adversarial probes, quantisation, relearning; the worst of them")
+    p.add_argument("--audit-quant", metavar="LIST", default="int8,int4,int4_base,gguf",
+                   help="quantisations the audit tries: int8, int4, int4_base, gguf (the model's own GGUF type), "
+                        "gguf:TYPE; 'none' for none (default: all four)")
+    p.add_argument("--audit-relearn", metavar="STEPS:LR,...", default="20:5e-5,20:2e-4",
+                   help="relearning attacks (fine-tuning steps and learning rate each); 'none' for none "
+                        "(default 20:5e-5,20:2e-4)")
+    p.add_argument("--audit-layers", metavar="LAYERS",
+                   help="blocks the relearning attack fine-tunes, e.g. 20-29 (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="greedy answer length for ROUGE, safe rate and false-refusal rate")
@@ -84,6 +105,7 @@ def run(args, overrides: dict) -> int:
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else []
     if tasks and importlib.util.find_spec("lm_eval") is None:
         raise UsageError("--lm-eval needs lm-eval-harness: pip install lm-eval")
+    audit = _audit_settings(args, sets) if args.audit else None
     out = writable_dir(args.out) if args.out else None
 
     started = time.perf_counter()
@@ -100,6 +122,8 @@ def run(args, overrides: dict) -> int:
     if adapter is not None:
         lm = _with_adapter(lm, *adapter)
     report, details = _evaluate(lm, tok, sets, general, hazard, benign, text, retain_tr, args)
+    if audit is not None:
+        _audit(lm, tok, sets, general, audit, args, report, details)
     if tasks:
         report["lm_eval"] = _lm_eval(lm, tok, tasks, args.batch_size)
     report["seconds"] = time.perf_counter() - started
@@ -109,6 +133,8 @@ def run(args, overrides: dict) -> int:
     for key, value in report.items():
         if isinstance(value, float):
             print(f"{key:24s} {value:.4g}")
+        elif key == "worst_probe" and value is not None:
+            print(f"{key:24s} {value}")
     for key, why in report["skipped"].items():
         print(f"skipped: {key} ({why})")
     if out is not None:
@@ -169,6 +195,55 @@ def _evaluate(model, tok, sets, general, hazard, benign, text, retain_tr, args) 
     if quality is not None:
         report["forget_quality"] = quality
     return report, details
+
+
+def _audit_settings(args, sets) -> dict:
+    """The audit's options from the flags, checked before any model loads."""
+    if sets["forget"] is None:
+        raise UsageError("--audit audits the forget facts: give --forget")
+    if "question" not in sets["forget"][0]:
+        raise UsageError("--audit needs question-answer rows in --forget")
+    from nsru.audit import QUANT
+
+    quant = [] if args.audit_quant.strip() == "none" else [q.strip() for q in args.audit_quant.split(",") if q.strip()]
+    for q in quant:
+        if q not in QUANT and not (q.startswith("gguf:") and len(q) > 5):
+            raise UsageError(f"--audit-quant: unknown quantisation {q!r}; choose from {', '.join(QUANT)} or gguf:TYPE")
+    relearn = {}
+    if args.audit_relearn.strip() != "none":
+        for i, spec in enumerate(filter(None, (x.strip() for x in args.audit_relearn.split(",")))):
+            steps, colon, lr = spec.partition(":")
+            try:
+                pair = (int(steps), float(lr))
+            except ValueError:
+                pair = None
+            if not colon or pair is None or pair[0] < 1 or not pair[1] > 0:
+                raise UsageError(f"--audit-relearn: {spec!r} is not STEPS:LR with STEPS >= 1 and LR > 0 (e.g. 20:5e-5)")
+            relearn[str(i + 1)] = pair
+    if args.audit_layers is not None:
+        from nsru.adapt import parse_layers
+
+        try:
+            parse_layers(args.audit_layers)
+        except ValueError as e:
+            raise UsageError(f"--audit-layers: {e}") from None
+    return {"quant": quant, "relearn": relearn, "relearn_layers": args.audit_layers}
+
+
+def _audit(model, tok, sets, general, settings, args, report: dict, details: dict) -> None:
+    """:func:`nsru.audit.audit` of the forget rows into ``report`` (accuracies, ``audited_forget_acc``,
+    ``worst_probe``; its skipped probes as ``<probe>_acc`` in ``skipped``) and ``details`` (which
+    items were known before, how many each accuracy counts)."""
+    from nsru.audit import audit
+
+    kept = [*(sets["retain"] or []), *(r for rows in general.values() for r in rows)]
+    found = audit(model, tok, sets["forget"], retain=sets["retain"], examples=kept, false_refusals=False,
+                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **settings)
+    for key in ("counts", "known", "seconds"):
+        details[f"audit_{key}"] = found.pop(key)
+    for name, why in found.pop("skipped").items():
+        report["skipped"][f"{name}_acc"] = why
+    report.update({k: v for k, v in found.items() if v is not None})
 
 
 def _lm_eval(model, tok, tasks: list[str], batch_size: int) -> dict:
