@@ -1,6 +1,6 @@
 """The real-knowledge scenario's plumbing (nsru.bench.real) on the tiny world model: filtering to
-known facts, the metrics, the comparison's files. The SmolLM2 run itself is measured, not tested
-(README "Real model")."""
+known facts, the metrics, the neighbours of the forget targets' kind, the audit, the comparison's
+files. The SmolLM2 run itself is measured, not tested (README "Real model")."""
 
 import json
 
@@ -15,7 +15,8 @@ NEIGHBOURS = ("Boris Silva", "David Berg", "David Novak", "Clara Silva")
 
 
 def _facts() -> dict:
-    """The tiny world in the shipped fact set's schema: where each person lives, as 4-way items."""
+    """The tiny world in the shipped fact set's schema: where each person lives, as 4-way items
+    (forget and neighbour facts with a reverse and a cloze item, as version 2 has them)."""
     forget, retain = tiny_world()
     entities = {}
     for row in forget + retain:
@@ -25,9 +26,14 @@ def _facts() -> dict:
         others = [c for c in CITIES if c != city][:3]
         k = len(entities) % 4
         group = "forget" if row["subject"] in FORGET else "neighbour" if row["subject"] in NEIGHBOURS else "retain"
-        entities[row["subject"]] = {"name": row["subject"], "group": group, "facts": [{
-            "question": row["question"], "paraphrase": row["question"], "answer": row["answer"],
-            "choices": others[:k] + [city] + others[k:], "correct": k}]}
+        fact = {"question": row["question"], "paraphrase": row["question"], "answer": row["answer"],
+                "choices": others[:k] + [city] + others[k:], "correct": k}
+        if group != "retain":
+            people = [p for p in FORGET + NEIGHBOURS if p != row["subject"]][:3]
+            fact["reverse"] = {"question": f"Who lives in {city} ?", "choices": people[:k] + [row["subject"]] + people[k:],
+                               "correct": k}
+            fact["cloze"] = {"prompt": f"{row['subject']} lives in", "choices": fact["choices"], "correct": k}
+        entities[row["subject"]] = {"name": row["subject"], "group": group, "facts": [fact]}
     jobs = [r for r in retain if r["question"].startswith("What") and r["subject"] in NEIGHBOURS]
     general = []
     for i, row in enumerate(jobs):
@@ -108,6 +114,66 @@ def test_the_evaluation_entry_scores_every_probe_set_it_is_given():
         {k: v for k, v in real.evaluate(model, tok, sc).items() if k != "ppl_ratio"}
 
 
+def test_neighbours_of_the_forget_targets_kind_are_scored_beside_the_first_neighbours():
+    """neighbour_acc keeps the first fact set's neighbours (entities without added_in), so old runs
+    stay comparable; neighbour_same_kind_acc is every neighbour of a forget target's kind."""
+    model, tok, *_ = trained_world_model()
+    facts = _facts()
+    kinds = {"Anna Novak": "pilot", "Clara Berg": "pilot", "Boris Silva": "pilot", "David Berg": "poet",
+             "David Novak": "pilot", "Clara Silva": "poet"}
+    for e in facts["entities"]:
+        e["kind"] = kinds.get(e["name"], "baker")
+        if e["group"] == "forget":
+            e["neighbour_kind"] = "pilot"
+    facts["entities"][-1] = {**facts["entities"][-1], "group": "neighbour", "kind": "pilot", "added_in": 2}
+    added = facts["entities"][-1]["name"]
+    sc = real.build_scenario(model, tok, facts)
+    assert sc.counts["neighbour_candidates"] == 4  # the added one is not among them
+    assert sc.counts["neighbour_same_kind_candidates"] == 3  # Boris Silva, David Novak and the added one
+    assert {r["question"] for r in sc.neighbour_same_kind_mc} <= {
+        f"Where does {n} live ?" for n in ("Boris Silva", "David Novak", added)}
+    report = real.evaluate(model, tok, sc)
+    assert report["neighbour_same_kind_acc"] == report["neighbour_acc"] == 1.0
+    assert report["neighbour_same_kind_false_refusal"] == 0.0
+    assert "neighbour_same_kind_acc" not in real.evaluate(model, tok, real.build_scenario(model, tok, _facts()))
+
+
+def test_the_real_scenario_audits_every_model_against_the_model_before(tmp_path):
+    model, tok, forget, retain = trained_world_model()
+    sc = real.build_scenario(model, tok, _facts())
+    assert [f["subject"] for f in sc.forget_facts] == list(FORGET) and all("cloze" in f for f in sc.forget_facts)
+    options = real.audit_options("1", relearn={"strong": (3, 1e-2)}, quant=("int4", "int4_base"), group_size=32)
+    before = real.evaluate(model, tok, sc, audit=options)
+    assert all(before[f"{p}_acc"] in (1.0, None) for p in ("forward", "paraphrase", "reverse", "cloze", "role_play"))
+    assert before["audit"]["skipped"] == {"quant_int4_base": "the model has no adapters: its 4-bit base is quant_int4"}
+    from nsru import unlearn
+
+    unlearn(model, tok, sc.forget, sc.retain, steps=20, lr=1e-2, batch_size=4, layers="1", progress=False, seed=0)
+    after = real.evaluate(model, tok, sc, before_ppl=before["ppl"], audit={**options, "before": before["audit"]})
+    assert after["audit"]["known"] == before["audit"]["known"]
+    assert after["forward_acc"] < 1.0 and after["quant_int4_base_acc"] is not None
+    assert after["audited_forget_acc"] == after[after["worst_probe"] + "_acc"] >= after["forward_acc"]
+    assert "retain_false_refusal" in after and "audit" not in real.evaluate(model, tok, sc)
+
+
+def test_the_table_shows_the_audit_only_for_runs_that_have_it():
+    plain = {"before": {"forget_acc": 1.0, "seconds": 0.0}}
+    assert real.table(plain).splitlines()[0] == "| method | " + " | ".join(real.KEYS) + " |"
+    audited = {"before": {"forget_acc": 1.0, "audited_forget_acc": 1.0, "worst_probe": "forward", "seconds": 0.0},
+               "nsru": {"forget_acc": 0.4, "audited_forget_acc": 0.7, "audited_forget_acc_std": 0.1,
+                        "worst_probe": "quant_int4", "neighbour_same_kind_acc": 0.8, "seconds": 3.0}}
+    lines = real.table(audited).splitlines()
+    assert lines[0].startswith("| method | forget_acc | audited_forget_acc | worst_probe | safe_rate | neighbour_acc | "
+                               "neighbour_same_kind_acc | general_acc |")
+    assert lines[3].startswith("| nsru | 0.400 | 0.700 ± 0.1 | quant_int4 | – | – | 0.800 |")
+    runs = [{"forget_acc": 0.4, "worst_probe": "cloze", "cloze_acc": 0.5}, {"forget_acc": 0.5, "worst_probe": "quant_int4",
+                                                                           "cloze_acc": 0.3},
+            {"forget_acc": 0.6, "worst_probe": "cloze", "cloze_acc": 0.7}]
+    row = real._aggregate(runs)
+    assert row["worst_probe"] == "cloze" and row["cloze_acc"] == pytest.approx(0.5)
+    assert real._aggregate(runs[:2])["worst_probe"] == "cloze/quant_int4"
+
+
 def test_comparison_writes_results_table_and_plot(tmp_path):
     facts = _facts()
     res = real.run_real(tmp_path, seeds=1, names=["nsru[retain]", "lora (nsru-no-project)"], steps=20, lr=1e-2,
@@ -127,6 +193,13 @@ def test_comparison_writes_results_table_and_plot(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| nsru[retain] |" in table
     assert "| retain_false_refusal | neighbour_false_refusal | general_false_refusal |" in table.splitlines()[0]
+    # the audit (on by default): every model against the model before, the worst probe in the table
+    assert "| forget_acc | audited_forget_acc | worst_probe |" in table.splitlines()[0]
+    for name, row in saved["models"].items():
+        assert row["audited_forget_acc"] >= row["forward_acc"], name  # the worst probe: at least the forward one
+        assert row["worst_probe"] and row["relearn_strong_acc"] is not None, name
+    assert saved["models"]["before"]["forward_acc"] == 1.0 and saved["config"]["audit"]["relearn_layers"] == "1"
+    assert runs[1]["audit"]["known"] == runs[0]["audit"]["known"]
     assert (tmp_path / "real_knowledge.png").read_bytes()[:4] == b"\x89PNG"
     assert res["scenario"] == saved["scenario"]
     # one report from the run log (twice the same folder: each method and seed counts once)

@@ -6,8 +6,11 @@ questions with a one-sentence answer, a paraphrase and four choices:
 
 * **forget**: facts about the ``forget`` group; their question-answer rows are the forget data;
 * **retain**: facts about five other people, the retention loss's data;
-* **neighbour**: the same kinds of facts about eight other people, and **general** facts: in no
-  loss and no statistic; scored only;
+* **neighbour**: the same kinds of facts about other people, and **general** facts: in no loss
+  and no statistic; scored only. ``neighbour_acc`` is on the eight neighbours of the first fact
+  set (people of several kinds, as the README's table has it); ``neighbour_same_kind_acc`` on every
+  neighbour of the forget targets' kinds (their ``neighbour_kind``: physicists beside Einstein,
+  writers beside Shakespeare), the neighbours that unlearning endangers most;
 * **text**: general paragraphs for perplexity (scored only), and other paragraphs that a
   statistics source may use (``stats_text``).
 
@@ -21,6 +24,14 @@ of the retain subspace on the held-out sets, and the false-refusal rates
 the retain questions and to the kept neighbour and general questions that are refusals, generated
 as for ``safe_rate`` (a refusal that spreads past the forget set is damage that likelihood-scored
 multiple choice does not see).
+
+With ``audit`` (the default of :func:`run_real`) every model also gets the forget audit
+(:func:`nsru.audit.audit`): the forget facts asked forward, paraphrased, in reverse, as a cloze,
+after solved examples, under role-play and prefix injection, and open-ended; the merged model at
+8 and 4 bits, the adapter on a 4-bit base, the GGUF type the model shipped in; and a relearning
+attack in the adapted layers. Each is scored on the items the model before unlearning got right
+(one audit of that model serves every run), and ``audited_forget_acc`` is the worst of them (the
+highest forget accuracy), ``worst_probe`` its name.
 """
 
 from __future__ import annotations
@@ -39,6 +50,10 @@ from nsru.bench.pretrained import load_smollm2
 GROUPS = ("forget", "retain", "neighbour")
 KEYS = ("forget_acc", "safe_rate", "neighbour_acc", "general_acc", "retain_false_refusal", "neighbour_false_refusal",
         "general_false_refusal", "ppl_ratio", "leakage_neighbour", "leakage_general", "seconds")
+# Columns of the table shown only where a run has them (results from before the audit have none).
+TABLE_KEYS = ("forget_acc", "audited_forget_acc", "worst_probe", "safe_rate", "neighbour_acc", "neighbour_same_kind_acc",
+              "general_acc", "retain_false_refusal", "neighbour_false_refusal", "neighbour_same_kind_false_refusal",
+              "general_false_refusal", "ppl_ratio", "leakage_neighbour", "leakage_general", "seconds")
 
 # Budget every method gets (measured on 2 CPU cores: see README "Real model").
 STEPS = 20
@@ -48,6 +63,7 @@ LAYERS = "20-29"  # the top third: with frozen-prefix caching each forward costs
 SELF_SAMPLES = 128
 HELD_OUT = 48  # neighbour and general candidates scored (of 96 and 80)
 ANSWER_TOKENS = 24  # greedy answer length for the safe and false-refusal rates
+AUDIT_SEED = 0  # every model is attacked the same way (the relearning halves, the in-context examples)
 
 
 def load_facts(path: str | Path | None = None) -> dict:
@@ -70,7 +86,8 @@ def _probes(fact: dict, paraphrase: bool) -> list[dict]:
 
 @dataclass
 class Scenario:
-    """The data of one run of the real-knowledge scenario (multiple-choice sets: known items only)."""
+    """The data of one run of the real-knowledge scenario (multiple-choice sets: known items only;
+    ``forget_facts``: every forget fact with its ``subject``, as the audit takes them)."""
 
     forget: list[dict]
     retain: list[dict]
@@ -80,6 +97,8 @@ class Scenario:
     ppl_text: list[str]
     stats_text: list[dict]
     counts: dict = field(default_factory=dict)
+    forget_facts: list[dict] = field(default_factory=list)
+    neighbour_same_kind_mc: list[dict] = field(default_factory=list)
 
 
 def build_scenario(model, tokenizer, facts: dict, held_out: int | None = HELD_OUT, progress: bool = False) -> Scenario:
@@ -90,13 +109,22 @@ def build_scenario(model, tokenizer, facts: dict, held_out: int | None = HELD_OU
     this many general candidates, an evenly spaced selection (scoring is most of a run's time on a
     CPU); ``None`` keeps all."""
     by_group = {g: [(e["name"], f) for e in facts["entities"] if e["group"] == g for f in e["facts"]] for g in GROUPS}
+    first = [(e["name"], f) for e in facts["entities"] if e["group"] == "neighbour" and "added_in" not in e
+             for f in e["facts"]]  # the first fact set's neighbours: the same items as before kinds were added
+    kinds = {e.get("neighbour_kind", e.get("kind")) for e in facts["entities"] if e["group"] == "forget"} - {None}
+    same_kind = [(e["name"], f) for e in facts["entities"] if e["group"] == "neighbour" and e.get("kind") in kinds
+                 for f in e["facts"]]
     candidates = {
         "forget": [p for _, f in by_group["forget"] for p in _probes(f, True)],
-        "neighbour": [p for _, f in by_group["neighbour"] for p in _probes(f, False)],
+        "neighbour": [p for _, f in first for p in _probes(f, False)],
         "general": [p for f in facts["general"] for p in _probes(f, False)],
     }
+    if same_kind:
+        candidates["neighbour_same_kind"] = [p for _, f in same_kind for p in _probes(f, False)]
     if held_out is not None:
-        for name in ("neighbour", "general"):
+        for name in ("neighbour", "neighbour_same_kind", "general"):
+            if name not in candidates:
+                continue
             rows = candidates[name]
             if len(rows) > held_out:
                 candidates[name] = [rows[i * len(rows) // held_out] for i in range(held_out)]
@@ -117,15 +145,29 @@ def build_scenario(model, tokenizer, facts: dict, held_out: int | None = HELD_OU
         stats_text=[{"text": t} for t in facts["stats_text"]],
         counts={**{f"{k}_candidates": len(v) for k, v in candidates.items()},
                 **{f"{k}_known": len(v) for k, v in known.items()}, "forget_rows": len(forget)},
+        forget_facts=[{**f, "subject": n} for n, f in by_group["forget"]],
+        neighbour_same_kind_mc=known.get("neighbour_same_kind", []),
     )
 
 
-def evaluate(model, tokenizer, sc: Scenario, before_ppl: float | None = None) -> dict:
+def evaluate(model, tokenizer, sc: Scenario, before_ppl: float | None = None, audit: dict | None = None) -> dict:
     """The scenario's metrics for one model (see the module docstring):
-    :func:`nsru.evaluation.evaluate_knowledge` on its sets."""
-    return E.evaluate_knowledge(model, tokenizer, sc.forget, sc.retain, {"forget": sc.forget_mc},
-                                {"neighbour": sc.neighbour_mc, "general": sc.general_mc}, sc.ppl_text,
-                                before_ppl=before_ppl, max_new_tokens=ANSWER_TOKENS)
+    :func:`nsru.evaluation.evaluate_knowledge` on its sets. ``audit``: run the forget audit with
+    these :func:`nsru.audit.audit` options (``{}`` for its defaults; ``before``: the audit of the
+    model before unlearning, ``report["audit"]`` of its evaluation); ``None``: no audit."""
+    kept = {"neighbour": sc.neighbour_mc}
+    if sc.neighbour_same_kind_mc:
+        kept["neighbour_same_kind"] = sc.neighbour_same_kind_mc
+    kept["general"] = sc.general_mc
+    return E.evaluate_knowledge(model, tokenizer, sc.forget, sc.retain, {"forget": sc.forget_mc}, kept, sc.ppl_text,
+                                before_ppl=before_ppl, max_new_tokens=ANSWER_TOKENS,
+                                audit_facts=sc.forget_facts if audit is not None else None, audit_options=audit)
+
+
+def audit_options(layers=LAYERS, **options) -> dict:
+    """The scenario's audit: relearning in the adapted ``layers``, a fixed seed, the audit's
+    defaults otherwise (``options`` override them)."""
+    return {"relearn_layers": layers, "seed": AUDIT_SEED, **options}
 
 
 DISPLAY_ORDER = ("nsru[retain+self]", "nsru[retain]", "nsru[self]", "nsru[retain+corpus]", "lora (nsru-no-project)",
@@ -151,13 +193,16 @@ def variants(stats_corpus: Path) -> dict[str, dict]:
 
 def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None = None, lr: float | None = None,
              batch_size: int | None = None, options: dict | None = None, cache=None, facts: dict | None = None,
-             load=None, log=print) -> dict:
+             load=None, log=print, audit: bool = True, audit_settings: dict | None = None) -> dict:
     """Run the comparison; write ``results.json``, ``table.md`` and ``real_knowledge.png`` under ``out``.
 
     ``names``: a subset of :func:`variants` (all by default); ``options``: further ``nsru.unlearn``
     options for every run (e.g. ``{"subspace": "tail=1e-3"}``); ``facts`` and ``load`` (a callable
-    returning a fresh ``(model, tokenizer)``) replace the shipped fact set and SmolLM2 (tests)."""
-    from nsru.pipeline import unlearn
+    returning a fresh ``(model, tokenizer)``) replace the shipped fact set and SmolLM2 (tests).
+    ``audit``: audit every model (:func:`nsru.audit.audit`; the before model once, every run against
+    it), the slowest part of an evaluation (``False`` skips it); ``audit_settings``: options for it
+    beyond :func:`audit_options` (e.g. ``{"relearn": {}}`` for no relearning)."""
+    from nsru import unlearn  # the function (nsru.pipeline.unlearn)
 
     started = time.perf_counter()
     out = Path(out)
@@ -172,17 +217,19 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(table_of)}")
 
+    budget = {"steps": steps or STEPS, "lr": lr or LR, "batch_size": batch_size or BATCH_SIZE, "layers": LAYERS,
+              "max_length": 128, "self_samples": SELF_SAMPLES, "progress": False, **(options or {})}
+    audit_opts = audit_options(budget["layers"], **(audit_settings or {})) if audit else None
     model, tok = load()
     sc = build_scenario(model, tok, facts)
     log(f"scenario: {sc.counts}")
-    before = evaluate(model, tok, sc)
+    before = evaluate(model, tok, sc, audit=audit_opts)
     before["seconds"] = 0.0
     log(f"before: {_line(before)}")
-    budget = {"steps": steps or STEPS, "lr": lr or LR, "batch_size": batch_size or BATCH_SIZE, "layers": LAYERS,
-              "max_length": 128, "self_samples": SELF_SAMPLES, "progress": False, **(options or {})}
     per_seed: dict[str, list[dict]] = {"before": [before]}
     meta = {"scenario": sc.counts,
-            "config": {"seeds": seeds, "held_out": HELD_OUT, **{k: v for k, v in budget.items() if k != "progress"}}}
+            "config": {"seeds": seeds, "held_out": HELD_OUT, **{k: v for k, v in budget.items() if k != "progress"},
+                       "audit": audit_opts}}
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     runs = out / "runs.jsonl"  # one line per finished run, so an interrupted comparison keeps what it measured
     runs.write_text(json.dumps({"name": "before", "seed": None, **before}) + "\n")
@@ -192,7 +239,8 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
             t = time.perf_counter()
             result = unlearn(model, tok, sc.forget, sc.retain, seed=seed, **{**budget, **table_of[name]})
             seconds = time.perf_counter() - t
-            rep = evaluate(model, tok, sc, before_ppl=before["ppl"])
+            rep = evaluate(model, tok, sc, before_ppl=before["ppl"],
+                           audit={**audit_opts, "before": before["audit"]} if audit else None)
             rep["seconds"] = seconds
             rep["mean_k"] = result.summary()["mean_k"]
             per_seed.setdefault(name, []).append(rep)
@@ -206,7 +254,7 @@ def write_report(out: Path, per_seed: dict[str, list[dict]], meta: dict, log=pri
     """``results.json`` (means, standard deviations, every run), ``table.md`` and the plot."""
     order = ["before", *DISPLAY_ORDER]
     names = sorted(per_seed, key=lambda n: order.index(n) if n in order else len(order))
-    models = {name: report.aggregate(per_seed[name], KEYS + ("mean_k",)) for name in names}
+    models = {name: _aggregate(per_seed[name]) for name in names}
     results = {"models": models, "per_seed": per_seed, **meta}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table(models) + "\n")
@@ -236,16 +284,35 @@ def report_from_runs(out, *folders, log=print) -> dict:
     return write_report(out, per_seed, {**meta, "sources": [str(f) for f in folders]}, log)
 
 
+def _aggregate(records: list[dict]) -> dict:
+    """Mean and standard deviation of every number the runs report (:data:`KEYS` first, then the
+    per-kind neighbours and the audit's accuracies), and the worst probe: the one most runs name
+    (several joined by "/" on a tie)."""
+    numbers = [k for r in records for k, v in r.items()
+               if k not in KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    row = report.aggregate(records, KEYS + tuple(dict.fromkeys(numbers)) + ("mean_k",))
+    named = [r["worst_probe"] for r in records if r.get("worst_probe")]
+    if named:
+        top = max(map(named.count, named))
+        row["worst_probe"] = "/".join(sorted({n for n in named if named.count(n) == top}))
+    return row
+
+
 def _line(rep: dict) -> str:
-    return (f"forget {rep['forget_acc']:.2f}  safe {rep['safe_rate']:.2f}  neighbour {rep['neighbour_acc']:.2f}  "
+    audited = (f"audited forget {rep['audited_forget_acc']:.2f} ({rep['worst_probe']})  "
+               if rep.get("audited_forget_acc") is not None else "")
+    return (f"forget {rep['forget_acc']:.2f}  {audited}safe {rep['safe_rate']:.2f}  neighbour {rep['neighbour_acc']:.2f}  "
             f"general {rep['general_acc']:.2f}  false refusals: retain {rep['retain_false_refusal']:.2f} "
             f"neighbour {rep['neighbour_false_refusal']:.2f} general {rep['general_false_refusal']:.2f}  "
             f"ppl x{rep['ppl_ratio']:.3f}  ({rep['seconds']:.0f}s)")
 
 
 def table(models: dict) -> str:
-    """A Markdown table, mean ± standard deviation over seeds."""
-    return report.markdown_table(models, KEYS, "method", {"seconds": "{:.1f}"})
+    """A Markdown table, mean ± standard deviation over seeds: the columns of :data:`KEYS`, and
+    those of :data:`TABLE_KEYS` some model has (the audited forget accuracy and its worst probe, the
+    same-kind neighbours)."""
+    columns = [k for k in TABLE_KEYS if k in KEYS or any(row.get(k) is not None for row in models.values())]
+    return report.markdown_table(models, columns, "method", {"seconds": "{:.1f}", "worst_probe": str})
 
 
 def plot(models: dict, path) -> Path:
