@@ -202,7 +202,7 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
     ``audit``: audit every model (:func:`nsru.audit.audit`; the before model once, every run against
     it), the slowest part of an evaluation (``False`` skips it); ``audit_settings``: options for it
     beyond :func:`audit_options` (e.g. ``{"relearn": {}}`` for no relearning)."""
-    from nsru import unlearn  # the function (nsru.pipeline.unlearn)
+    from nsru.pipeline import unlearn
 
     started = time.perf_counter()
     out = Path(out)
