@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import nsru
+from nsru.atomic import atomic_write
 from nsru.bench import models as bm
 from nsru.bench import report
 from nsru.bench.world import make_world
@@ -125,7 +126,8 @@ def sweep_model(progress: bool = False):
     if not path.exists():
         model = bm._llama(spec.model, tok, spec.train.seed)
         bm.train_lm(model, examples, tok, spec.train, desc="training the sweep model", progress=progress)
-        bm._save_atomic(path, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+        atomic_write(path, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)), directory=True,
+                     replace=False)
     model = AutoModelForCausalLM.from_pretrained(path)
     model.eval()
     return model, tok, path

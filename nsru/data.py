@@ -278,15 +278,15 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
             if whole and all(isinstance(v, list) for v in whole.values()):
                 return [(f"{where}: row {i}", v) for i, v in enumerate(_columns_to_rows(whole, where))]
             return [(f"{where}: line 1", whole)]
-    records = []
+    found = []
     for ln, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append((f"{where}: line {ln}", json.loads(line)))
+            found.append((f"{where}: line {ln}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: line {ln}: invalid JSON ({e.msg} at column {e.colno})") from None
-    return records
+    return found
 
 
 def _columns_to_rows(columns: Mapping[str, Sequence], where: str) -> list[dict]:
@@ -297,7 +297,9 @@ def _columns_to_rows(columns: Mapping[str, Sequence], where: str) -> list[dict]:
     return [{k: columns[k][i] for k in columns} for i in range(n)]
 
 
-def _records(source, text_ok: bool = False) -> list[tuple[str, Any]]:
+def records(source, text_ok: bool = False) -> list[tuple[str, Any]]:
+    """``(location, row)`` pairs of a JSON/JSONL path, a list of dicts or a ``datasets.Dataset``,
+    each location naming the file and line (or index) for error messages; rows are not checked."""
     where = _describe(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -347,7 +349,7 @@ def load_qa(source, name: str | None = None) -> list[dict]:
     """
     label = f"{name} set " if name else ""
     rows = []
-    for loc, raw in _records(source):
+    for loc, raw in records(source):
         if not isinstance(raw, Mapping):
             raise DataError(f"{loc}: expected an object with 'question' and 'answer', got {type(raw).__name__}")
         row = dict(raw)
@@ -378,7 +380,7 @@ def load_text(source, name: str | None = None, field: str = "text") -> list[dict
     """
     label = f"{name} set " if name else ""
     rows = []
-    for loc, raw in _records(source, text_ok=True):
+    for loc, raw in records(source, text_ok=True):
         if isinstance(raw, str):
             raw = {field: raw}
         if not isinstance(raw, Mapping):
@@ -398,13 +400,13 @@ def load_rows(source, name: str | None = None) -> list[dict]:
 
     A forget or retain set may be either; the kind is read from the first row.
     """
-    records = _records(source, text_ok=True)
-    if not records:
+    found = records(source, text_ok=True)
+    if not found:
         raise DataError(f"{name + ' set ' if name else ''}{_describe(source)}: no rows (an empty {name or 'data'} set)")
-    first = records[0][1]
+    first = found[0][1]
     if isinstance(first, str) or (isinstance(first, Mapping) and "question" not in first and "text" in first):
-        return load_text([r for _, r in records] if not isinstance(source, (str, os.PathLike)) else source, name)
-    return load_qa([r for _, r in records] if not isinstance(source, (str, os.PathLike)) else source, name)
+        return load_text([r for _, r in found] if not isinstance(source, (str, os.PathLike)) else source, name)
+    return load_qa([r for _, r in found] if not isinstance(source, (str, os.PathLike)) else source, name)
 
 
 def is_qa(rows: Sequence[Mapping]) -> bool:

@@ -99,12 +99,6 @@ class TargetSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _save_atomic(target: Path, write) -> None:
-    """Write a cache entry (a folder) so that a crash leaves no half model; when another process
-    finished the same entry first, keep theirs (entries are keyed by content, so both are equal)."""
-    atomic_write(target, write, directory=True, replace=False)
-
-
 # ----------------------------------------------------------------------------------------------
 # tokenizer
 
@@ -168,7 +162,7 @@ def load_tokenizer(world_config: WorldConfig | None = None, vocab_size: int = 10
         shutil.rmtree(path)
     if not path.exists():
         tokenizer = build_tokenizer(make_world(world_config or WorldConfig()), vocab_size)
-        _save_atomic(path, tokenizer.save_pretrained)
+        atomic_write(path, tokenizer.save_pretrained, directory=True, replace=False)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -333,7 +327,7 @@ def _target(spec: TargetSpec, cache=None, rebuild=False, progress=True):
                     "n_examples": len(examples), "n_params": sum(p.numel() for p in model.parameters())}
             (tmp / "nsru_target.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
 
-        _save_atomic(path, write)
+        atomic_write(path, write, directory=True, replace=False)
     model = AutoModelForCausalLM.from_pretrained(path)
     model.eval()
     return model, tokenizer, path

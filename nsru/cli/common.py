@@ -312,14 +312,14 @@ def load_rows(spec: str | None, flag: str):
 
 def load_mc(spec: str, flag: str) -> list[dict]:
     """WMDP-style multiple-choice rows: ``question``, ``choices`` (a list) and ``answer`` (its index)."""
-    from nsru.data import DataError, _records
+    from nsru.data import DataError, records
 
     try:
-        records = _records(data_source(spec, flag))
+        found = records(data_source(spec, flag))
     except DataError as e:
         raise UsageError(str(e)) from None
     rows = []
-    for loc, row in records:
+    for loc, row in found:
         if not isinstance(row, dict):
             raise UsageError(f"{loc}: expected an object with question, choices and answer")
         missing = [k for k in ("question", "choices", "answer") if k not in row]
