@@ -21,7 +21,7 @@ turns names into question-answer rows:
    content words, or half of them). A small model makes up confident answers about a name it has
    never seen and repeats them under a paraphrase, but not from one sample to the next: on
    SmolLM2-135M-Instruct 32-59 % of sampled answers agreed for Einstein, Curie and Shakespeare,
-   4-14 % for three made-up names, and no made-up fact passed. A target of which nothing is kept,
+   4-15 % for four made-up names, and no made-up fact passed. A target of which nothing is kept,
    or whose mean sample agreement (its *familiarity*) is too low, raises :class:`NothingToForget`:
    "the model gave no specific answer about X; nothing to forget".
 5. **Neighbours** (the retain rows when the user has none): other entities of the same kind, asked
@@ -442,7 +442,7 @@ def kind_from_text(text: str) -> str:
     for kind, nouns in _THING_NOUNS.items():
         m = re.search(r"\b(?:is|was) (?:a|an|the)\b(?:[\s,]+[\w-]+){0,5}?[\s,]+(" + "|".join(nouns) + r")\b", first)
         if m and not re.search(r"\b(?:is|was) (?:a|an|the)\b(?:[\s,]+[\w-]+){0,5}?[\s,]+(?:man|woman|person|"
-                               r"figure|physicist|scientist|writer|author|poet|playwright|composer|painter|"
+                               r"figure|character|physicist|scientist|writer|author|poet|playwright|composer|painter|"
                                r"artist|leader|player|politician|king|queen)\b", first[:m.start(1)] + " "):
             return kind
     words = Counter(_stem(w) for w in _words(low))
@@ -718,7 +718,7 @@ def target_rows(
     samples: int = 4,
     temperature: float = 0.7,
     min_agreement: float = 0.5,
-    min_familiarity: float = 0.2,
+    min_familiarity: float = 0.25,
     neighbours: Sequence[str] | None = None,
     neighbours_per_target: int = 3,
     questions_per_neighbour: int = 6,
@@ -742,7 +742,7 @@ def target_rows(
     ``samples`` sampled answers to the question (``temperature``, top-p 0.9, ``seed``). A target
     whose mean sample agreement (its *familiarity*) is under ``min_familiarity`` counts as unknown
     even when a fact passed (SmolLM2-135M-Instruct, 4 samples at 0.7: 0.32-0.59 for Einstein, Curie
-    and Shakespeare, 0.04-0.14 for three made-up names). ``samples=0``: the paraphrase's answer
+    and Shakespeare, 0.04-0.15 for four made-up names). ``samples=0``: the paraphrase's answer
     alone decides, and there is no familiarity.
 
     ``neighbours``: names for the retain rows, or ``None`` to find ``neighbours_per_target`` per

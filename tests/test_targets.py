@@ -104,6 +104,7 @@ def test_trim_answer_keeps_complete_sentences():
     ("Lyon is a city in France, known for its food.", "place"),
     ("Hamlet is a tragedy, a play by William Shakespeare.", "work"),
     ("Acme is a company that makes anvils.", "organisation"),
+    ("Zorvath Quillmere is a fictional character from the 2019 film adaptation of a TV series.", "person"),
     ("Nobody you would have heard of.", "person"),
 ])
 def test_kind_from_text(text, kind):
@@ -262,3 +263,12 @@ def test_bad_arguments_are_named(world):
         target_rows(model, tok, ["Anna Novak"], questions={"person": [("home", "Where ?", "Where ??")]})
     with pytest.raises(ValueError, match="questions_per_target"):
         target_rows(model, tok, ["Anna Novak"], questions_per_target=0)
+
+
+def test_the_kind_is_asked_when_not_given(world):
+    model, tok, _ = world
+    data = target_rows(model, tok, ["Anna Novak"], questions=WORLD, neighbours=[], max_new_tokens=12)
+    report = data.report["targets"]["Anna Novak"]
+    assert report["kind"] in KINDS
+    assert list(report["kind_from"]) == ["Who or what is Anna Novak?", "What is Anna Novak best known for?"]
+    assert len(data.forget) == 2  # a kind the custom bank lacks falls back to its "person" questions
