@@ -2,18 +2,25 @@
 
 The update is ``ΔW = s·B·Ã`` with ``Ã = A − (A U) Uᵀ``, where ``U`` spans the module's retain
 subspace, so for any input ``h`` in span(U) the layer's output is exactly the base output.
+
+Each forward forms ``Ã`` (two skinny GEMMs over the basis) and each backward projects ``∂L/∂A`` (two
+more), which is right for a layer on its own. An optimizer step of the trainer runs several forwards
+of the same model with the same A and U (NSRU: safe target, forget, retain), so within
+:func:`null_space_step` every layer forms ``Ã`` once, and the trainer projects all ``lora_A``
+gradients once, in one ``project_rows_`` call (:func:`project_gradients_`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from nsru import ops
+from nsru.ops.lowrank_linear import fixed_null_space_factor
 
 try:  # GPT-2 style models store their projections transposed in a Conv1D
     from transformers.pytorch_utils import Conv1D
@@ -65,6 +72,7 @@ class NSRULinear(nn.Module):
         self.register_buffer("retain_basis", torch.zeros(in_features, 0, dtype=torch.float32, device=weight.device))
         self.merged = False
         self.disabled = False
+        self._step: _StepFactor | None = None  # set within null_space_step
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16.0, name: str = "") -> NSRULinear:
@@ -149,7 +157,12 @@ class NSRULinear(nn.Module):
             return self.base_layer(x)
         # Adapter on, or disabled while merged: the latter subtracts the merged update again.
         scaling = -self.scaling if self.disabled else self.scaling
-        return ops.lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.retain_basis, scaling)
+        basis, a_tilde = self.retain_basis, None
+        if self._step is not None and not torch.compiler.is_compiling():  # a compiled graph forms Ã itself
+            a_tilde = self._step.factor(self.lora_A, basis)
+            if not self._step.project:
+                basis = self._step.no_basis  # the trainer projects ∂L/∂A once for the whole step
+        return ops.lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, basis, scaling, a_tilde)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "retain_basis"
@@ -161,6 +174,61 @@ class NSRULinear(nn.Module):
                 )
             self.retain_basis = torch.empty_like(incoming, dtype=torch.float32, device=self.retain_basis.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _StepFactor:
+    """``Ã`` of one layer, kept while its ``lora_A`` and ``retain_basis`` stay what they were: the
+    same storage at the same version (every in-place write through autograd's view of a tensor,
+    an optimizer's included, bumps its version; a write through ``.data`` does not, so none may
+    happen within :func:`null_space_step`)."""
+
+    __slots__ = ("project", "key", "a_tilde", "no_basis")
+
+    def __init__(self, project: bool) -> None:
+        self.project = project
+        self.key: tuple | None = None
+        self.a_tilde: torch.Tensor | None = None
+        self.no_basis: torch.Tensor | None = None
+
+    def factor(self, lora_A: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        key = (lora_A.data_ptr(), lora_A._version, lora_A.dtype, basis.data_ptr(), basis._version, tuple(basis.shape))
+        if key != self.key:
+            self.a_tilde = fixed_null_space_factor(lora_A, basis)
+            self.no_basis = basis.new_empty((basis.shape[0], 0))
+            self.key = key
+        return self.a_tilde
+
+
+@contextmanager
+def null_space_step(layers: Iterable[NSRULinear], project_grads: bool = True) -> Iterator[None]:
+    """The forwards and backwards of one optimizer step: within the block every layer of ``layers``
+    forms ``Ã`` at its first forward and reuses it while its ``lora_A`` and ``retain_basis`` do not
+    change (so the trainer's several forwards of a step form it once); on leaving, it is dropped.
+
+    ``project_grads=False``: the backwards leave ``∂L/∂Ã`` on ``lora_A.grad`` unprojected, and the
+    caller applies :func:`project_gradients_` before using the gradients — one grouped
+    ``project_rows_`` for every module and every forward of the step instead of one per module and
+    forward. The result is the same (the projection is linear). Code under ``torch.compile`` ignores
+    the block: it forms ``Ã`` and projects inside the compiled graph, as outside it.
+    """
+    layers = list(layers)
+    previous = [layer._step for layer in layers]
+    for layer in layers:
+        layer._step = _StepFactor(project_grads)
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous):
+            layer._step = was
+
+
+@torch.no_grad()
+def project_gradients_(layers: Iterable[NSRULinear]) -> None:
+    """``∂L/∂A ← ∂L/∂A · P⊥`` in place for every layer with a retain basis and a gradient, in one
+    ``project_rows_`` call (what :func:`null_space_step` with ``project_grads=False`` leaves to do)."""
+    chosen = [layer for layer in layers if layer.k and layer.lora_A.grad is not None]
+    if chosen:
+        ops.project_rows_([layer.lora_A.grad for layer in chosen], [layer.retain_basis for layer in chosen])
 
 
 def model_device(model: nn.Module) -> torch.device:

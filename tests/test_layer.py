@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nsru.layer import NSRULinear
+from nsru.ops.lowrank_linear import fixed_null_space_factor
 
 
 def _basis(width: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -174,3 +175,78 @@ def test_wrapping_something_else_fails():
     with pytest.raises(TypeError, match="Conv1D"):
         NSRULinear(nn.Conv2d(3, 3, 1), r=1)
 
+
+
+# ---------------------------------------------------------------- one optimizer step: Ã formed once
+
+
+def _stepped_layer(k: int = 6, seed: int = 0) -> NSRULinear:
+    torch.manual_seed(seed)
+    layer = NSRULinear.from_linear(nn.Linear(16, 12), r=3, alpha=6)
+    layer.set_retain_basis(_basis(16, k))
+    _randomise(layer)
+    return layer
+
+
+def _three_forwards(layer: NSRULinear, xs) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """What a trainer step does: several forwards of one layer, then one backward of their sum."""
+    layer.zero_grad(set_to_none=True)
+    ys = [layer(x) for x in xs]
+    sum((y * torch.linspace(-1, 1, y.shape[-1])).square().sum() for y in ys).backward()
+    return [y.detach() for y in ys], layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+@pytest.mark.parametrize("k", [0, 6, 16])
+@pytest.mark.parametrize("project_grads", [True, False])
+def test_null_space_step_forms_a_tilde_once_and_changes_nothing_else(k, project_grads, monkeypatch):
+    import nsru.layer as L
+
+    layer = _stepped_layer(k)
+    xs = [torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    want = _three_forwards(layer, xs)
+    formed = []
+    monkeypatch.setattr(L, "fixed_null_space_factor", lambda a, u: formed.append(1) or fixed_null_space_factor(a, u))
+    with L.null_space_step([layer], project_grads=project_grads):
+        got = _three_forwards(layer, xs)
+        if not project_grads:  # the caller's part: one projection for the step
+            L.project_gradients_([layer])
+            got = (got[0], layer.lora_A.grad, got[2])
+    assert len(formed) == 1 and layer._step is None  # one Ã for the three forwards, dropped on leaving
+    for g, w in zip(got[0] + list(got[1:]), want[0] + list(want[1:])):
+        # (the gradients are O(10-1000); with a full basis A's is rounding noise of that size)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=5e-5)
+    if 0 < k < 16:  # (a full basis leaves A no gradient but rounding)
+        assert (got[1] @ layer.retain_basis).abs().max() <= 1e-6 * got[1].abs().max()
+
+
+def test_null_space_step_follows_changes_of_a_and_of_the_basis():
+    import nsru.layer as L
+
+    layer = _stepped_layer()
+    x = torch.randn(4, 16)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    with L.null_space_step([layer]):
+        layer(x).square().sum().backward()
+        opt.step()  # A changes in place: the next forward forms Ã again
+        after_step = layer(x)
+        with torch.no_grad():
+            reference = layer.base_layer(x) + x @ layer.delta_weight().T  # delta_weight forms Ã anew
+        layer.set_retain_basis(_basis(16, 9, seed=3))  # so does a new basis
+        after_basis = layer(x)
+    torch.testing.assert_close(after_step.detach(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
+    torch.testing.assert_close(after_basis, layer(x), rtol=0, atol=0)  # the same as outside the block
+
+
+def test_a_tilde_formed_without_grad_or_autocast_is_usable_for_training():
+    import nsru.layer as L
+
+    layer = _stepped_layer()
+    a_tilde = fixed_null_space_factor(layer.lora_A, layer.retain_basis)
+    assert not a_tilde.requires_grad and a_tilde.dtype == torch.float32
+    assert fixed_null_space_factor(layer.lora_A, layer.retain_basis[:, :0]).data_ptr() != layer.lora_A.data_ptr()
+    with L.null_space_step([layer]):
+        with torch.inference_mode():  # an evaluation first: Ã must still be a normal tensor
+            layer(torch.randn(2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(torch.randn(2, 16)).float().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32

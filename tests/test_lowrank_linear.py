@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nsru.ops import lowrank_linear, null_space_factor, project_rows_
+from nsru.ops.lowrank_linear import fixed_null_space_factor
 
 
 @pytest.fixture(autouse=True)
@@ -156,6 +157,45 @@ def test_opcheck_lowrank_linear_frozen_input_trainable_base():
 
 
 @pytest.mark.parametrize("dtype", OP_DTYPES)
+@pytest.mark.parametrize("k", [0, 5, 13])
+@pytest.mark.parametrize("project", [True, False])
+def test_opcheck_lowrank_linear_with_a_tilde_formed_beforehand(dtype, k, project):
+    # as NSRULinear calls it within null_space_step: Ã given, and without its basis when the
+    # caller projects the gradients of A itself
+    x, w, b, a, bb, u = _op_problem(dtype, 3, k)
+    a_tilde = fixed_null_space_factor(a, u)
+    for t in (x, a, bb):
+        t.requires_grad_()
+    basis = u if project else u[:, :0]
+    torch.library.opcheck(torch.ops.nsru.lowrank_linear.default, (x, w, b, a, bb, basis, 0.5, a_tilde))
+    y, s, formed = torch.ops.nsru.lowrank_linear(x, w, b, a, bb, basis, 0.5, a_tilde)
+    assert formed.numel() == 0  # the op keeps the given Ã, it makes no copy
+
+
+def test_a_tilde_formed_beforehand_gives_the_same_outputs_and_gradients():
+    w, b, a0, bb0, u = _problem(dtype=torch.float32)
+    x0 = torch.randn(7, 12)
+
+    def run(**kw):
+        x, a, bb = (t.clone().requires_grad_() for t in (x0, a0, bb0))
+        y = lowrank_linear(x, w, b, a, bb, kw.pop("basis", u), 0.5, **kw)
+        (y * torch.linspace(-1, 1, 10)).square().sum().backward()
+        return y.detach(), x.grad, a.grad, bb.grad
+
+    want = run()
+    a_tilde = fixed_null_space_factor(a0, u)
+    for g, e in zip(run(a_tilde=a_tilde), want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    y, dx, unprojected, d_b = run(a_tilde=a_tilde, basis=u[:, :0])  # the caller projects dA
+    for g, e in zip((y, dx, d_b), (want[0], want[1], want[3])):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    projected = unprojected.clone()
+    project_rows_([projected], [u])  # what the trainer does once for the step
+    torch.testing.assert_close(projected, want[2], rtol=1e-5, atol=1e-5)
+    assert (unprojected @ u).abs().max() > 1e-3  # left unprojected until then
+
+
+@pytest.mark.parametrize("dtype", OP_DTYPES)
 @pytest.mark.parametrize("needs_dx", [True, False])
 def test_opcheck_lowrank_linear_backward(dtype, needs_dx):
     x, w, b, a, bb, u = _op_problem(dtype, 3, 5)
@@ -189,13 +229,16 @@ BAD_OP_ARGS = [
     ("lora_B", lambda x, w, b, a, bb, u: (x, w, b, a, bb.T, u), ValueError, r"lora_B has shape \(3, 7\)"),
     ("basis", lambda x, w, b, a, bb, u: (x, w, b, a, bb, u[:-1]), ValueError, r"basis has shape \(12, 5\)"),
     ("dtype", lambda x, w, b, a, bb, u: (x, w, b, a, bb, u.double()), TypeError, "share one floating dtype"),
+    ("a_tilde", lambda x, w, b, a, bb, u: (x, w, b, a, bb, u, a[:, :-1]), ValueError, r"a_tilde is \(3, 12\)"),
 ]
 
 
 @pytest.mark.parametrize("name,make,error,match", BAD_OP_ARGS, ids=[case[0] for case in BAD_OP_ARGS])
 def test_lowrank_linear_op_refuses_bad_arguments(name, make, error, match):
     args = make(*_op_problem(torch.float32, 3, 5))
+    args, a_tilde = args[:6], args[6:]
     with pytest.raises(error, match=match):
-        torch.ops.nsru.lowrank_linear(*args, 1.0)
+        torch.ops.nsru.lowrank_linear(*args, 1.0, *a_tilde)
     with pytest.raises(error, match=match), torch._subclasses.FakeTensorMode() as fake:  # the shape function too
-        torch.ops.nsru.lowrank_linear(*(fake.from_tensor(t) if t is not None else None for t in args), 1.0)
+        fakes = [fake.from_tensor(t) if t is not None else None for t in args + a_tilde]
+        torch.ops.nsru.lowrank_linear(*fakes[:6], 1.0, *fakes[6:])

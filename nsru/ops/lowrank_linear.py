@@ -6,7 +6,10 @@
     dÃ = s · (dY B)ᵀ X,                     dA = dÃ − (dÃ U) Uᵀ   (``project_rows_``)
 
 W is ``(out, in)`` in the compute dtype of X (fp32, bf16 or fp16); A ``(r, in)``, B ``(out, r)`` and
-U ``(in, k)`` are fp32. The forward/backward pairs below are the torch reference; the Triton
+U ``(in, k)`` are fp32. ``Ã`` is formed inside the operator, or passed in by a caller that keeps it
+while A and U do not change (``NSRULinear`` forms it once per optimizer step, where the trainer's
+several forwards of a step would each form it again); either way the gradient lands on A.
+The forward/backward pairs below are the torch reference; the Triton
 kernels in ``nsru.kernels.lowrank_linear`` have the same signatures. Both are served by the
 ``torch.library`` operators ``torch.ops.nsru.lowrank_linear`` (forward, with its autograd formula)
 and ``torch.ops.nsru.lowrank_linear_backward``; :func:`lowrank_linear` is their Python face.
@@ -29,6 +32,18 @@ def null_space_factor(lora_A: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
     if basis.shape[1] == 0:
         return lora_A
     return lora_A - (lora_A @ basis) @ basis.T
+
+
+def fixed_null_space_factor(lora_A: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``Ã`` as the operator's ``a_tilde`` input: a new contiguous tensor (never ``lora_A`` itself,
+    so that a later in-place update of A cannot change it), formed outside autograd and autocast in
+    the adapters' dtype, and a normal tensor even under ``torch.inference_mode``."""
+    # inference_mode(False) turns grad mode on again: no_grad comes after it
+    with torch.inference_mode(False), torch.no_grad(), _no_autocast(lora_A.device.type):
+        a_tilde = null_space_factor(lora_A, basis)
+        if a_tilde is lora_A:
+            return a_tilde.clone(memory_format=torch.contiguous_format)
+        return a_tilde.contiguous()
 
 
 def _same_dtype(*tensors: torch.Tensor | None) -> bool:
@@ -109,7 +124,7 @@ def lowrank_linear_backward_reference(
 # implementation runs (``NSRU_BACKEND``) is decided inside, at every call.
 
 
-def _check_forward(x, weight, bias, lora_A, lora_B, basis) -> None:
+def _check_forward(x, weight, bias, lora_A, lora_B, basis, a_tilde=None) -> None:
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"lowrank_linear: x has shape {tuple(x.shape)} and weight {tuple(weight.shape)}; "
@@ -129,6 +144,11 @@ def _check_forward(x, weight, bias, lora_A, lora_B, basis) -> None:
         raise TypeError(
             f"lowrank_linear: lora_A, lora_B and basis must share one floating dtype, got "
             f"{lora_A.dtype}, {lora_B.dtype} and {basis.dtype}"
+        )
+    if a_tilde is not None and (tuple(a_tilde.shape) != tuple(lora_A.shape) or a_tilde.dtype != lora_A.dtype):
+        raise ValueError(
+            f"lowrank_linear: a_tilde is {tuple(a_tilde.shape)} {a_tilde.dtype}; expected lora_A's "
+            f"{tuple(lora_A.shape)} {lora_A.dtype}"
         )
 
 
@@ -152,30 +172,35 @@ def _lowrank_linear_op(
     lora_B: torch.Tensor,
     basis: torch.Tensor,
     scaling: float,
+    a_tilde: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Y, S, Ã)``: Y of shape ``(..., out)``, and ``S = X Ãᵀ`` (M, r) and ``Ã`` (r, in) for the backward."""
-    _check_forward(x, weight, bias, lora_A, lora_B, basis)
+    """``(Y, S, Ã)``: Y of shape ``(..., out)``, ``S = X Ãᵀ`` (M, r) for the backward, and the ``Ã``
+    (r, in) it formed, or an empty tensor when ``a_tilde`` was given (the backward keeps that one)."""
+    _check_forward(x, weight, bias, lora_A, lora_B, basis, a_tilde)
     x2d = x.reshape(-1, x.shape[-1])
+    formed = a_tilde is None
     with _no_autocast(x.device.type):
-        a_tilde = null_space_factor(lora_A, basis)
-        # an output may not alias an input (k = 0 returns lora_A itself): an r x in copy
-        a_tilde = a_tilde.clone(memory_format=torch.contiguous_format) if a_tilde is lora_A else a_tilde.contiguous()
+        if formed:
+            a_tilde = null_space_factor(lora_A, basis)
+            # an output may not alias an input (k = 0 gives lora_A itself): an r x in copy
+            a_tilde = a_tilde.clone(memory_format=torch.contiguous_format) if a_tilde is lora_A else a_tilde
+        a_tilde = a_tilde.contiguous()
         if use_triton(x2d, weight):
             from nsru.kernels.lowrank_linear import lowrank_linear_forward_triton as forward
         else:
             forward = lowrank_linear_forward_reference
         y, s = forward(x2d, weight, bias, a_tilde, lora_B, scaling)
     # S is a column slice of [S, 1] on the reference path with a bias: an M x r copy, free beside the GEMM
-    return y.reshape(*x.shape[:-1], y.shape[-1]), s.contiguous(), a_tilde
+    return y.reshape(*x.shape[:-1], y.shape[-1]), s.contiguous(), a_tilde if formed else lora_A.new_empty(0)
 
 
 @_lowrank_linear_op.register_fake
-def _lowrank_linear_fake(x, weight, bias, lora_A, lora_B, basis, scaling):
-    _check_forward(x, weight, bias, lora_A, lora_B, basis)
+def _lowrank_linear_fake(x, weight, bias, lora_A, lora_B, basis, scaling, a_tilde=None):
+    _check_forward(x, weight, bias, lora_A, lora_B, basis, a_tilde)
     rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((rows, lora_A.shape[0]), dtype=_s_dtype(x, weight, lora_A))
-    return y, s, lora_A.new_empty(lora_A.shape)
+    return y, s, lora_A.new_empty(lora_A.shape if a_tilde is None else (0,))
 
 
 @torch.library.custom_op("nsru::lowrank_linear_backward", mutates_args=())
@@ -212,10 +237,10 @@ def _lowrank_linear_backward_fake(dy, x, weight, a_tilde, lora_B, s, scaling, ne
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_A, lora_B, basis, scaling = inputs
-    _, s, a_tilde = output
-    ctx.mark_non_differentiable(s, a_tilde)  # saved for the backward, not results
-    ctx.save_for_backward(x, weight, lora_B, basis, s, a_tilde)
+    x, weight, bias, lora_A, lora_B, basis, scaling, given = inputs
+    _, s, formed = output
+    ctx.mark_non_differentiable(s, formed)  # saved for the backward, not results
+    ctx.save_for_backward(x, weight, lora_B, basis, s, formed if given is None else given)
     ctx.scaling = scaling
     ctx.has_bias = bias is not None
 
@@ -233,7 +258,8 @@ def _backward(ctx, dy, _ds, _da_tilde):
             dy2d = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
             d_weight = dy2d.T @ x.reshape(-1, x.shape[-1]) if needs_dw else None
             d_bias = dy2d.sum(0) if ctx.has_bias and needs_db else None
-    return dx if needs_dx else None, d_weight, d_bias, d_a, d_b, None, None
+    # ``a_tilde`` (when given) stands for a function of lora_A and basis: its gradient is lora_A's
+    return dx if needs_dx else None, d_weight, d_bias, d_a, d_b, None, None, None
 
 
 _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -247,17 +273,24 @@ def lowrank_linear(
     lora_B: torch.Tensor,
     basis: torch.Tensor,
     scaling: float,
+    a_tilde: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``X Wᵀ + b + s·(X Ãᵀ) Bᵀ`` for ``x`` of any leading shape, differentiable in x, W, b, A and B.
 
-    The gradient reaching ``lora_A`` is already projected onto the null space of ``basis``. Under
-    autocast the base GEMM runs in the autocast dtype (as ``nn.Linear``'s) and the adapters stay in
-    their own. The work is done by the operator ``torch.ops.nsru.lowrank_linear``.
+    The gradient reaching ``lora_A`` is ``∂L/∂Ã`` projected onto the null space of ``basis``.
+    ``a_tilde``: ``Ã = A − (A U) Uᵀ`` formed beforehand (:func:`fixed_null_space_factor`) from this
+    call's A and the module's retain basis U; the forward reads it instead of forming Ã, and it
+    gets no gradient itself. With it, ``basis`` only says where the gradient of A is projected: a
+    caller that projects the gradients of A itself, once for many calls (the trainer: one
+    ``project_rows_`` over every module for the step), passes an empty ``basis`` (``(in, 0)``) and
+    lora_A receives ``∂L/∂Ã`` as it is. Under autocast the base GEMM runs in the autocast dtype (as
+    ``nn.Linear``'s) and the adapters stay in their own. The work is done by the operator
+    ``torch.ops.nsru.lowrank_linear``.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    y, _, _ = torch.ops.nsru.lowrank_linear(x, weight, bias, lora_A, lora_B, basis, float(scaling))
+    y, _, _ = torch.ops.nsru.lowrank_linear(x, weight, bias, lora_A, lora_B, basis, float(scaling), a_tilde)
     return y
