@@ -8,6 +8,10 @@ returns its weighted terms: ``{"loss": total, "safe": ..., "suppress": ..., "ret
 NSRU. Names: ``nsru``, ``ga``, ``graddiff``, ``npo``, ``simnpo``, ``idkdpo``, ``rmu``; NSRU's
 ablations as ``nsru-no-safe``, ``nsru-no-suppress``, ``nsru-no-retain``, ``nsru-no-project``
 (or the switches of the same names in the config). New methods: :func:`register_method`.
+
+The built-in losses compute their terms through :meth:`LossContext.weighted`, one after the other,
+so that inside the trainer each term's backward runs before the next term's forward: a step holds
+the activations of one forward at a time, not of all three.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class LossContext:
     ``denom(part, kind)`` so that its terms add up across micro-batches and processes to the loss
     of the global batch in one process. Outside the trainer ``denom`` is ``None`` and the losses
     average over the batch they are given.
+
+    ``term_backward``: set by the trainer for each step, ``term_backward(weighted_term, used_denom)``
+    runs the backward of one term as soon as :meth:`weighted` has computed it.
     """
 
     def __init__(self, model: nn.Module, config, ref_model: nn.Module | None = None,
@@ -60,6 +67,7 @@ class LossContext:
         self.state: dict = {}
         self.counts: dict[str, dict[str, float]] | None = None
         self.counts_used = False  # whether a loss asked for denom() since the trainer last reset it
+        self.term_backward: Callable[[torch.Tensor, bool], None] | None = None
 
     def denom(self, part: str, kind: str = "tokens") -> float | None:
         """The global count of ``kind`` in ``part`` of this step's batch (``None`` outside the trainer)."""
@@ -67,6 +75,35 @@ class LossContext:
             return None
         self.counts_used = True
         return self.counts[part][kind]
+
+    def weighted(self, terms: Mapping[str, Callable[[], torch.Tensor]], weights: Mapping[str, float]) -> dict:
+        """A method's result from its terms: ``{name: value, ..., "loss": Σ weights[name]·value}``,
+        the values detached, computed in order by calling each of ``terms`` (a function of no
+        arguments that runs the forwards its term needs).
+
+        Outside the trainer ``"loss"`` is the differentiable sum. Inside it (``term_backward`` set)
+        each weighted term's backward runs as soon as the term is computed, which frees its graph
+        before the next term's forward, and ``"loss"`` comes back detached: its gradient is already
+        in ``.grad``. A method wrapping one that returns this may add a differentiable term to
+        ``"loss"`` (the trainer runs its backward too) but not rescale it.
+        """
+        if not terms:
+            raise ValueError("every loss term is switched off; nothing to train")
+        values: dict[str, torch.Tensor] = {}
+        total = None
+        used_before = self.counts_used
+        for name, compute in terms.items():
+            self.counts_used = False
+            value = compute()
+            part = weights[name] * value
+            if self.term_backward is not None:
+                self.term_backward(part, self.counts_used)
+                part = part.detach()
+            used_before = used_before or self.counts_used
+            values[name] = value.detach()
+            total = part if total is None else total + part
+        self.counts_used = used_before
+        return {**values, "loss": total}
 
     def forward(self, batch: Mapping[str, torch.Tensor], **kwargs):
         run = self.prefix or self._full
@@ -163,24 +200,16 @@ def get_method(name: str) -> Method:
 # shared pieces
 
 
-def _weighted(terms: dict, weights: dict) -> dict:
-    total = None
-    for key, value in terms.items():
-        part = weights[key] * value
-        total = part if total is None else total + part
-    out = {k: v.detach() for k, v in terms.items()}
-    out["loss"] = total
-    return out
-
-
 def _seq_logp(outputs, batch):
     return obj.sequence_logprob(outputs.logits, batch["labels"])
 
 
-def _retain_term(ctx: LossContext, batch: dict):
+def _has_retain(ctx: LossContext, batch: dict) -> bool:
+    return "retain" in batch and bool(ctx.config.retain)
+
+
+def _retain_term(ctx: LossContext, batch: dict) -> torch.Tensor:
     cfg = ctx.config
-    if "retain" not in batch or not cfg.retain:
-        return None
     out = ctx.forward(batch["retain"])
     if cfg.retain_loss == "nll":
         return obj.nll_loss(out.logits, batch["retain"]["labels"], ctx.denom("retain"))
@@ -205,80 +234,90 @@ NSRU_WEIGHTS = {"safe_weight": 1.0, "suppress_weight": 0.3, "retain_weight": 3.0
                  safe_when=lambda cfg: cfg.safe or cfg.suppress_loss == "dpo", description="safe-target CE + suppression (NPO) + retention, null-space projected LoRA")
 def nsru_loss(ctx: LossContext, batch: dict) -> dict:
     cfg = ctx.config
+    if cfg.suppress_loss not in ("npo", "unlikelihood", "dpo"):
+        raise ValueError(f"suppress_loss must be 'npo', 'unlikelihood' or 'dpo', got {cfg.suppress_loss!r}")
+    if cfg.suppress and cfg.suppress_loss == "dpo" and "safe" not in batch:
+        raise ValueError("suppress_loss='dpo' needs question-answer forget data (chosen = safe target)")
     terms = {}
     if cfg.safe and "safe" in batch:
-        out = ctx.forward(batch["safe"])
-        terms["safe"] = obj.nll_loss(out.logits, batch["safe"]["labels"], ctx.denom("safe"))
+        safe = batch["safe"]
+        terms["safe"] = lambda: obj.nll_loss(ctx.forward(safe).logits, safe["labels"], ctx.denom("safe"))
     if cfg.suppress:
-        forget = batch["forget"]
-        if cfg.suppress_loss == "npo":
-            logp, _ = _seq_logp(ctx.forward(forget), forget)
-            ref_logp = ctx.ref_logprob(forget)
-            terms["suppress"] = obj.npo_loss(logp, ref_logp, cfg.beta, denom=ctx.denom("forget", "sequences"))
-        elif cfg.suppress_loss == "unlikelihood":
-            terms["suppress"] = obj.unlikelihood_loss(ctx.forward(forget).logits, forget["labels"],
-                                                      denom=ctx.denom("forget"))
-        elif cfg.suppress_loss == "dpo":
-            if "safe" not in batch:
-                raise ValueError("suppress_loss='dpo' needs question-answer forget data (chosen = safe target)")
-            chosen, rejected = batch["safe"], forget
-            c, _ = _seq_logp(ctx.forward(chosen), chosen)
-            r, _ = _seq_logp(ctx.forward(rejected), rejected)
-            c_ref, r_ref = ctx.ref_logprob(chosen), ctx.ref_logprob(rejected)
-            terms["suppress"] = obj.dpo_loss(c, r, c_ref, r_ref, cfg.beta, denom=ctx.denom("forget", "sequences"))
-        else:
-            raise ValueError(f"suppress_loss must be 'npo', 'unlikelihood' or 'dpo', got {cfg.suppress_loss!r}")
-    ret = _retain_term(ctx, batch)
-    if ret is not None:
-        terms["retain"] = ret
+        terms["suppress"] = lambda: _nsru_suppress(ctx, batch)
+    if _has_retain(ctx, batch):
+        terms["retain"] = lambda: _retain_term(ctx, batch)
     if not terms:
         raise ValueError("every NSRU loss term is switched off (safe, suppress and retain); nothing to train")
     w = ctx.weights
-    return _weighted(terms, {"safe": w["safe_weight"], "suppress": w["suppress_weight"], "retain": w["retain_weight"]})
+    weights = {"safe": w["safe_weight"], "suppress": w["suppress_weight"], "retain": w["retain_weight"]}
+    return ctx.weighted(terms, weights)
+
+
+def _nsru_suppress(ctx: LossContext, batch: dict) -> torch.Tensor:
+    cfg = ctx.config
+    forget = batch["forget"]
+    if cfg.suppress_loss == "npo":
+        logp, _ = _seq_logp(ctx.forward(forget), forget)
+        return obj.npo_loss(logp, ctx.ref_logprob(forget), cfg.beta, denom=ctx.denom("forget", "sequences"))
+    if cfg.suppress_loss == "unlikelihood":
+        return obj.unlikelihood_loss(ctx.forward(forget).logits, forget["labels"], denom=ctx.denom("forget"))
+    chosen, rejected = batch["safe"], forget  # dpo
+    c, _ = _seq_logp(ctx.forward(chosen), chosen)
+    r, _ = _seq_logp(ctx.forward(rejected), rejected)
+    c_ref, r_ref = ctx.ref_logprob(chosen), ctx.ref_logprob(rejected)
+    return obj.dpo_loss(c, r, c_ref, r_ref, cfg.beta, denom=ctx.denom("forget", "sequences"))
 
 
 # --------------------------------------------------------------------------------------------
 # baselines (open-unlearning's definitions: loss = γ·forget + α·retain)
 
 
-def _with_retain(ctx, batch, suppress_term, suppress_weight=None) -> dict:
+def _with_retain(ctx, batch, suppress_term: Callable[[], torch.Tensor], suppress_weight=None) -> dict:
     terms = {"suppress": suppress_term}
-    ret = _retain_term(ctx, batch)
-    if ret is not None:
-        terms["retain"] = ret
+    if _has_retain(ctx, batch):
+        terms["retain"] = lambda: _retain_term(ctx, batch)
     w = ctx.weights["suppress_weight"] if suppress_weight is None else suppress_weight
-    return _weighted(terms, {"suppress": w, "retain": ctx.weights["retain_weight"]})
+    return ctx.weighted(terms, {"suppress": w, "retain": ctx.weights["retain_weight"]})
 
 
 @register_method("ga", needs_retain=False, description="gradient ascent on the forget answers")
 def ga_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
-    term = obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"], ctx.denom("forget"))
-    return _weighted({"suppress": term}, {"suppress": ctx.weights["suppress_weight"]})
+
+    def suppress():
+        return obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"], ctx.denom("forget"))
+
+    return ctx.weighted({"suppress": suppress}, {"suppress": ctx.weights["suppress_weight"]})
 
 
 @register_method("graddiff", description="gradient ascent on forget + NLL on retain")
 def graddiff_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
-    return _with_retain(ctx, batch, obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"],
-                                                             ctx.denom("forget")))
+    return _with_retain(ctx, batch, lambda: obj.gradient_ascent_loss(ctx.forward(forget).logits, forget["labels"],
+                                                                     ctx.denom("forget")))
 
 
 @register_method("npo", needs_reference=True, description="NPO (β = 0.1) on forget + NLL on retain")
 def npo_method_loss(ctx: LossContext, batch: dict) -> dict:
     forget = batch["forget"]
-    logp, _ = _seq_logp(ctx.forward(forget), forget)
-    ref_logp = ctx.ref_logprob(forget)
-    return _with_retain(ctx, batch, obj.npo_loss(logp, ref_logp, ctx.config.beta, ctx.denom("forget", "sequences")))
+
+    def suppress():
+        logp, _ = _seq_logp(ctx.forward(forget), forget)
+        return obj.npo_loss(logp, ctx.ref_logprob(forget), ctx.config.beta, ctx.denom("forget", "sequences"))
+
+    return _with_retain(ctx, batch, suppress)
 
 
 @register_method("simnpo", description="SimNPO (β 4.5, δ 0, γ 0.125) on forget + NLL on retain")
 def simnpo_method_loss(ctx: LossContext, batch: dict) -> dict:
     cfg = ctx.config
     forget = batch["forget"]
-    logp, n = _seq_logp(ctx.forward(forget), forget)
-    term = obj.simnpo_loss(logp, n, cfg.simnpo_beta, cfg.simnpo_delta, ctx.denom("forget", "sequences"))
-    return _with_retain(ctx, batch, term, suppress_weight=cfg.simnpo_gamma * ctx.weights["suppress_weight"])
+
+    def suppress():
+        logp, n = _seq_logp(ctx.forward(forget), forget)
+        return obj.simnpo_loss(logp, n, cfg.simnpo_beta, cfg.simnpo_delta, ctx.denom("forget", "sequences"))
+
+    return _with_retain(ctx, batch, suppress, suppress_weight=cfg.simnpo_gamma * ctx.weights["suppress_weight"])
 
 
 @register_method("idkdpo", needs_safe=True, needs_reference=True,
@@ -287,10 +326,14 @@ def idkdpo_loss(ctx: LossContext, batch: dict) -> dict:
     if "safe" not in batch:
         raise ValueError("idkdpo needs question-answer forget data (the 'I don't know' answer is the chosen one)")
     chosen, rejected = batch["safe"], batch["forget"]
-    c, _ = _seq_logp(ctx.forward(chosen), chosen)
-    r, _ = _seq_logp(ctx.forward(rejected), rejected)
-    c_ref, r_ref = ctx.ref_logprob(chosen), ctx.ref_logprob(rejected)
-    return _with_retain(ctx, batch, obj.dpo_loss(c, r, c_ref, r_ref, ctx.config.beta, ctx.denom("forget", "sequences")))
+
+    def suppress():
+        c, _ = _seq_logp(ctx.forward(chosen), chosen)
+        r, _ = _seq_logp(ctx.forward(rejected), rejected)
+        c_ref, r_ref = ctx.ref_logprob(chosen), ctx.ref_logprob(rejected)
+        return obj.dpo_loss(c, r, c_ref, r_ref, ctx.config.beta, ctx.denom("forget", "sequences"))
+
+    return _with_retain(ctx, batch, suppress)
 
 
 # RMU (Li et al., 2024, "The WMDP Benchmark"): push the hidden state at one layer on forget tokens
@@ -355,13 +398,19 @@ def rmu_loss(ctx: LossContext, batch: dict) -> dict:
     layer = ctx.state["rmu_layer"]
     control = ctx.state["rmu_control"]
     forget = batch["forget"]
-    h = _hidden(ctx.forward(forget, output_hidden_states=True), layer)
-    terms = {"suppress": obj.rmu_forget_loss(h, control.to(h.device), forget["attention_mask"],
-                                             ctx.denom("forget", "positions"))}
+
+    def suppress():
+        h = _hidden(ctx.forward(forget, output_hidden_states=True), layer)
+        return obj.rmu_forget_loss(h, control.to(h.device), forget["attention_mask"], ctx.denom("forget", "positions"))
+
+    def retain():
+        part = batch["retain"]
+        h_r = _hidden(ctx.forward(part, output_hidden_states=True), layer)
+        h_ref = _hidden(ctx.ref_forward(part, output_hidden_states=True), layer)
+        return obj.rmu_retain_loss(h_r, h_ref, part["attention_mask"], ctx.denom("retain", "positions"))
+
+    terms = {"suppress": suppress}
     if cfg.retain and "retain" in batch:
-        retain = batch["retain"]
-        h_r = _hidden(ctx.forward(retain, output_hidden_states=True), layer)
-        h_ref = _hidden(ctx.ref_forward(retain, output_hidden_states=True), layer)
-        terms["retain"] = obj.rmu_retain_loss(h_r, h_ref, retain["attention_mask"], ctx.denom("retain", "positions"))
-    return _weighted(terms, {"suppress": ctx.weights["suppress_weight"], "retain": ctx.weights["retain_weight"]})
+        terms["retain"] = retain
+    return ctx.weighted(terms, {"suppress": ctx.weights["suppress_weight"], "retain": ctx.weights["retain_weight"]})
 

@@ -11,8 +11,17 @@ optimizer step. N processes, or k micro-batches, therefore give the adapter of o
 batch up to floating-point reduction order. (A step runs several forwards of the same model —
 policy, reference with adapters disabled, retain — which DDP's per-forward hooks do not support
 without extra flags; an explicit all-reduce of the few adapter gradients gives the same update.)
-A registered method whose loss never asks ``ctx.denom`` averages over its own shard; its loss is
-then divided by the number of shards (the mean of per-shard means, exact only for equal shards).
+A loss that never asks ``ctx.denom`` averages over its own shard; it is then divided by the number
+of shards (the mean of per-shard means, exact only for equal shards): each term of
+``LossContext.weighted`` on its own, a method's own differentiable ``"loss"`` as a whole.
+
+One step of NSRU runs several forwards of the same model (safe target, forget, retain). Each loss
+term's backward runs as soon as the term is computed (``LossContext.weighted``), so the step holds
+the activations of one forward at a time; every adapter forms ``Ã`` once for the step, and the
+``lora_A`` gradients of all modules are projected once, after the all-reduce, in one
+``project_rows_`` call (:func:`nsru.layer.null_space_step`). Both give the gradients of one backward
+of the summed loss up to floating-point order. A registered method whose terms do not go through
+``LossContext.weighted`` returns a differentiable ``"loss"``, and its one backward runs as before.
 
 ``config.fsdp``: the base weights are sharded with ``torch.distributed.fsdp.fully_shard``, one
 unit per transformer block, and gathered block by block in the forward and backward; the
@@ -56,6 +65,7 @@ from nsru.distributed import (
     shard_model,
 )
 from nsru.frozen_prefix import FrozenPrefix
+from nsru.layer import null_space_step, project_gradients_
 from nsru.objectives import batch_counts
 from nsru.sampler import Stream, split
 from nsru.schedule import ScheduleError, check_resume, lr_scheduler, restore_scheduler
@@ -103,6 +113,10 @@ class Trainer:
         self.streams = dict(streams)
         self.params = dict(params)
         self.adapters = dict(adapters or {})
+        trainable = {id(p) for p in self.params.values()}
+        # the layers whose lora_A this trainer updates: each forms Ã once per step, and their
+        # gradients are projected once per step (null_space_step), not in every backward
+        self._projected = [m for m in self.adapters.values() if id(m.lora_A) in trainable]
         self.eval_fn = eval_fn
         self.rank, self.world = dist_info()
         per_rank, rest = divmod(config.batch_size, self.world * config.grad_accum)
@@ -153,6 +167,21 @@ class Trainer:
         if self.cfg.bf16 and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
+
+    @property
+    def _shards(self) -> int:
+        """Micro-batches of the global batch over all processes."""
+        return self.cfg.grad_accum * self.world
+
+    def _term_backward(self, term: torch.Tensor, used_denom: bool) -> None:
+        """The backward of one weighted loss term (``LossContext.weighted`` calls it), outside
+        autocast like any backward; a term that never asked ``ctx.denom`` averaged over its own
+        shard and is divided by the number of shards."""
+        if not used_denom:
+            term = term / self._shards
+        if term.requires_grad:
+            with torch.autocast(self.device.type, enabled=False) if self.cfg.bf16 else nullcontext():
+                term.backward()
 
     def _micro_batches(self) -> list[dict]:
         """This process's micro-batches of the next global batch: ``[{part: tensors}, ...]``."""
@@ -234,24 +263,28 @@ class Trainer:
         micro = self._micro_batches()
         self.ctx.counts = self._global_counts(micro)
         sums: dict[str, float] = {}
+        self.ctx.term_backward = self._term_backward  # each term's backward before the next term's forward
         try:
-            for batch in micro:
-                self.ctx.counts_used = False
-                with self._autocast():
-                    terms = self.method.loss(self.ctx, batch)
-                if not self.ctx.counts_used:  # a loss that averages over its own shard
-                    shards = cfg.grad_accum * self.world
-                    terms = {k: v / shards for k, v in terms.items() if v is not None}
-                self._check_loss(terms, batch)
-                terms["loss"].backward()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+            with null_space_step(self._projected, project_grads=False):
+                for batch in micro:
+                    self.ctx.counts_used = False
+                    with self._autocast():
+                        terms = self.method.loss(self.ctx, batch)
+                    if not self.ctx.counts_used:  # a loss that averages over its own shard
+                        terms = {k: v / self._shards for k, v in terms.items() if v is not None}
+                    self._check_loss(terms, batch)
+                    if terms["loss"].requires_grad:  # a method's own loss, or what it added to ctx.weighted's
+                        terms["loss"].backward()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
         finally:
             self.ctx.counts = None
+            self.ctx.term_backward = None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
         for p, g in zip(self.params.values(), grads):
             p.grad = g
         all_reduce_sum_(grads)
+        project_gradients_(self._projected)  # ∂L/∂A = (∂L/∂Ã) P⊥ once for the step, after the all-reduce
         if cfg.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
         else:
@@ -279,7 +312,7 @@ class Trainer:
         if layers:
             from nsru.ops import project_rows_
 
-            project_rows_([m.lora_A.data for m in layers], [m.retain_basis for m in layers])
+            project_rows_([m.lora_A for m in layers], [m.retain_basis for m in layers])
 
     # ---- loop
 
@@ -312,7 +345,7 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), null_space_step(self.adapters.values()):  # Ã once, not at every forward
                 return self.eval_fn(self.model, self.step) or {}
         finally:
             self.model.train(was)

@@ -147,3 +147,89 @@ def test_reference_log_probabilities_are_computed_once_per_sequence():
         again = ctx.ref_logprob(col([b, a, b]))  # other padding, other order: looked up, not recomputed
         torch.testing.assert_close(again, want[[1, 0, 1]])
         assert calls == [2]
+
+
+# ---------------------------------------------------------------- a backward per loss term
+
+
+def _method_setup(name: str):
+    """A tiny adapted Llama (B ≠ 0, so every factor gets a gradient), a batch with every part, and
+    the method's context."""
+    import nsru
+    from nsru.config import UnlearnConfig
+    from nsru.data import QACollator, encode_qa
+    from tinylm import tiny_llama, word_tokenizer
+
+    tok = word_tokenizer(["who is Anna ? Anna is a baker . I don't know . who is Boris ? Boris is a pilot ."])
+    model = tiny_llama(len(tok), hidden=32)
+    layers = nsru.apply_nsru(model, r=2, alpha=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=g))
+    col = QACollator(tok)
+    pairs = {"forget": [("who is Anna ?", "Anna is a baker ."), ("who is Boris ?", "a pilot .")],
+             "safe": [("who is Anna ?", "I don't know ."), ("who is Boris ?", "I don't know .")],
+             "retain": [("who is Boris ?", "Boris is a pilot ."), ("who is Anna ?", "a baker .")]}
+    batch = {part: col([encode_qa(tok, q, a) for q, a in rows]) for part, rows in pairs.items()}
+    method = get_method(name)
+    cfg = UnlearnConfig(method=name, rmu_layer=1).replace(**method.overrides)
+    ctx = LossContext(model, cfg)
+    if method.setup is not None:
+        method.setup(ctx, [batch["forget"]])
+    return model, batch, method, ctx
+
+
+def _gradients(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("name", ["nsru", "nsru-no-safe", "ga", "graddiff", "npo", "simnpo", "idkdpo", "rmu"])
+def test_a_backward_per_term_gives_the_gradients_of_one_backward_of_the_sum(name):
+    with one_thread():
+        model, batch, method, ctx = _method_setup(name)
+        ctx.counts = {part: obj.batch_counts(enc["labels"], enc["attention_mask"]) for part, enc in batch.items()}
+        ctx.counts = {p: {k: float(v) for k, v in c.items()} for p, c in ctx.counts.items()}
+        whole = method.loss(ctx, batch)
+        whole["loss"].backward()
+        want = _gradients(model)
+        seen = []
+        ctx.term_backward = lambda term, used_denom: seen.append(used_denom) or term.backward()
+        each = method.loss(ctx, batch)
+        got = _gradients(model)
+    assert not each["loss"].requires_grad and len(seen) == len(set(whole) - {"loss"}) and all(seen)
+    for key in whole:
+        assert float(each[key]) == pytest.approx(float(whole[key].detach()), rel=1e-6)
+    assert sorted(got) == sorted(want) and want
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+def _peak_saved_bytes(fn) -> int:
+    """The most bytes held at once by tensors that autograd saved for a backward while ``fn`` runs."""
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.n = t, t.numel() * t.element_size()
+            live[0] += self.n
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.n
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        fn()
+    return peak[0]
+
+
+def test_a_backward_per_term_holds_one_forward_at_a_time():
+    with one_thread():
+        model, batch, method, ctx = _method_setup("nsru")
+        whole = _peak_saved_bytes(lambda: method.loss(ctx, batch)["loss"].backward())
+        ctx.term_backward = lambda term, used_denom: term.backward()
+        each = _peak_saved_bytes(lambda: method.loss(ctx, batch))
+    # three forwards with graphs (safe, forget, retain) against one at a time
+    assert each < 0.45 * whole, (each, whole)
