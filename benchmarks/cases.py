@@ -399,3 +399,183 @@ def wall(fn: Callable) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------ whole unlearning runs
+
+
+def unlearn_config(device: str, quick: bool = False) -> dict:
+    """One whole run's model and budget. ``quick`` (``--benchmark-disable``, ``NSRU_BENCH_SMOKE``):
+    seconds, to check the plumbing; else a 256-wide Llama on the CPU (a 1024-wide one on CUDA)."""
+    if quick or SMOKE:
+        return {"hidden": 64, "intermediate": 172, "layers": 2, "heads": 4, "forget": 8, "retain": 16, "steps": 2,
+                "batch": 4, "self_samples": 4, "self_tokens": 8}
+    if device == "cuda":
+        return {"hidden": 1024, "intermediate": 2752, "layers": 8, "heads": 16, "forget": 64, "retain": 256,
+                "steps": 30, "batch": 16, "self_samples": 128, "self_tokens": 64}
+    return {"hidden": 256, "intermediate": 688, "layers": 4, "heads": 4, "forget": 32, "retain": 96, "steps": 20,
+            "batch": 8, "self_samples": 32, "self_tokens": 32}
+
+
+_WORLD: dict = {}
+
+
+def world_data(c: dict) -> tuple[object, list[dict], list[dict]]:
+    """The offline benchmark's tokenizer (byte-level BPE trained on its world, 1024 tokens) and
+    ``c["forget"]`` / ``c["retain"]`` of its generated question-answer rows (TOFU's fields)."""
+    from nsru.bench.models import build_tokenizer
+    from nsru.bench.world import make_world
+
+    if "tokenizer" not in _WORLD:
+        world = make_world()
+        _WORLD.update(tokenizer=build_tokenizer(world), forget=world.split("forget05"), retain=world.split("retain95"))
+    return _WORLD["tokenizer"], _WORLD["forget"][:c["forget"]], _WORLD["retain"][:c["retain"]]
+
+
+def unlearn_options(c: dict, device: str) -> dict:
+    """``nsru.unlearn``'s options of every run: the defaults but the budget (steps, batch, self-samples)."""
+    return {"steps": c["steps"], "batch_size": c["batch"], "self_samples": c["self_samples"],
+            "self_max_new_tokens": c["self_tokens"], "max_length": 128, "progress": False, "device": device}
+
+
+class PhaseTimes:
+    """Time spent in the pipeline's phases, by wrapping the functions that do them wherever the
+    ``nsru`` modules hold them (``from x import f`` copies a name, so every copy is wrapped) and
+    the Trainer's ``train`` and ``save_checkpoint``. Times are exclusive: a phase inside another
+    (the final checkpoint inside training) counts for itself only. ``other`` in :meth:`shares` is
+    what no phase covers (tokenising, adding adapters, the reference copy...). A function a later
+    version no longer has is skipped, and its time lands in ``other``."""
+
+    PHASES = (  # (phase, module, attribute)
+        ("self-samples", "nsru.self_samples", "sample_self"),
+        ("statistics", "nsru.stats_sources", "global_source_means"),
+        ("statistics", "nsru.subspace", "collect_second_moments"),
+        ("bases", "nsru.subspace", "retain_subspaces"),
+        ("bases", "nsru.subspace", "set_retain_bases"),
+        ("leakage", "nsru.subspace", "basis_info"),
+        ("leakage", "nsru.subspace", "leakage"),
+        ("init", "nsru.adapter_init", "init_adapters"),
+    )
+    METHODS = (("training", "train"), ("saving", "save_checkpoint"))
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+        self.timer = timer
+        self.seconds: dict[str, float] = {}
+        self.trainers: list = []  # the Trainer of each run (its train_step can be timed afterwards)
+        self._stack: list[list[float]] = []  # [start, time of the phases inside]
+
+    def _wrap(self, phase: str, fn: Callable, keep_self: bool = False) -> Callable:
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if keep_self:
+                self.trainers.append(args[0])
+            self._stack.append([self.timer(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                start, inner = self._stack.pop()
+                spent = self.timer() - start
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + spent - inner
+                if self._stack:
+                    self._stack[-1][1] += spent
+
+        return timed
+
+    def __enter__(self) -> PhaseTimes:
+        import importlib
+        import sys
+
+        import nsru
+        import nsru.train
+
+        # the pipeline's module first, so that it imports the functions before they are wrapped
+        importlib.import_module(nsru.unlearn.__module__)
+        self._undo: list[tuple[object, str, object]] = []
+        for phase, module, name in self.PHASES:
+            try:
+                fn = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                continue
+            timed = self._wrap(phase, fn)
+            for mod in [m for n, m in list(sys.modules.items()) if n == "nsru" or n.startswith("nsru.")]:
+                for attr, value in list(vars(mod).items()):
+                    if value is fn or getattr(value, "__wrapped__", None) is fn:  # (a copy left wrapped)
+                        self._undo.append((mod, attr, fn))
+                        setattr(mod, attr, timed)
+        for phase, name in self.METHODS:
+            fn = getattr(nsru.train.Trainer, name)
+            self._undo.append((nsru.train.Trainer, name, fn))
+            setattr(nsru.train.Trainer, name, self._wrap(phase, fn, keep_self=name == "train"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, value in reversed(self._undo):
+            setattr(owner, attr, value)
+
+    def shares(self, total: float) -> dict[str, float]:
+        """Each phase's fraction of ``total``, and ``other``."""
+        out = {k: v / total for k, v in self.seconds.items()}
+        out["other"] = max(0.0, 1.0 - sum(out.values()))
+        return out
+
+
+def fresh_cache_run(fn: Callable, *args, **kwargs):
+    """``fn(*args, output_dir=..., **kwargs)`` with an empty ``NSRU_CACHE`` and a fresh output
+    folder, both removed afterwards: a first run, which writes its self-samples rather than reading
+    them from an earlier one's cache, and writes its checkpoint."""
+    import tempfile
+
+    before = os.environ.get("NSRU_CACHE")
+    with tempfile.TemporaryDirectory(prefix="nsru-bench-") as tmp:
+        os.environ["NSRU_CACHE"] = os.path.join(tmp, "cache")
+        try:
+            return fn(*args, output_dir=os.path.join(tmp, "run"), **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop("NSRU_CACHE", None)
+            else:
+                os.environ["NSRU_CACHE"] = before
+
+
+def peft_unlearn(base: nn.Module, tokenizer, forget_rows: list[dict], retain_rows: list[dict], method: str,
+                 options: dict, *, output_dir: str | None = None, r: int = 8, alpha: float = 16.0) -> nn.Module:
+    """A baseline run as a PEFT user would write it around NSRU's trainer: tokenise the rows as
+    ``nsru.unlearn`` does, ``get_peft_model`` LoRA (same r, alpha, ``all-linear``) on a copy of
+    ``base``, ``method``'s loss (the reference policy, where it needs one, is the model with PEFT's
+    adapters disabled) in the same ``Trainer`` for the same steps, then its checkpoint and PEFT's
+    adapter files in ``output_dir``."""
+    from contextlib import contextmanager
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from nsru.data import encode_qa, pad_token_id
+    from nsru.methods import LossContext
+    from nsru.pipeline import resolve_config
+    from nsru.sampler import Stream
+    from nsru.train import Trainer
+
+    class PeftContext(LossContext):
+        @contextmanager
+        def _reference(self):
+            with self.model.disable_adapter():
+                yield self.model
+
+    options = {**{k: v for k, v in options.items() if not k.startswith("self_")}, "output_dir": output_dir}
+    cfg, m = resolve_config(method, None, options)
+    pad = pad_token_id(tokenizer)
+    enc = lambda rows: [encode_qa(tokenizer, r["question"], r["answer"], max_length=cfg.max_length) for r in rows]  # noqa: E731
+    forget = [{"forget": e} for e in enc(forget_rows)]
+    retain = [{"retain": e} for e in enc(retain_rows)]
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                           target_modules="all-linear"))
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    streams = {"forget": Stream(forget, cfg.batch_size, seed=cfg.seed, salt=1, pad_id=pad),
+               "retain": Stream(retain, cfg.batch_size, seed=cfg.seed, salt=2, pad_id=pad)}
+    trainer = Trainer(model, cfg, m, PeftContext(model, cfg), streams, params)
+    trainer.train()
+    if output_dir is not None:
+        model.save_pretrained(Path(output_dir) / "adapter")
+    return model
