@@ -43,6 +43,8 @@ class NSRULinear(nn.Module):
     buffer. ``B`` starts at zero so the layer starts equal to its base.
     """
 
+    _step: _StepFactor | None = None  # set within null_space_step (a class default: layers pickled before it work)
+
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16.0, name: str = "") -> None:
         super().__init__()
         if not is_linear(base_layer):
@@ -72,7 +74,6 @@ class NSRULinear(nn.Module):
         self.register_buffer("retain_basis", torch.zeros(in_features, 0, dtype=torch.float32, device=weight.device))
         self.merged = False
         self.disabled = False
-        self._step: _StepFactor | None = None  # set within null_space_step
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16.0, name: str = "") -> NSRULinear:
