@@ -18,25 +18,13 @@ import torch
 
 from nsru import cli
 from nsru.cli import common
-from tinylm import one_thread, tiny_llama, tiny_world, word_tokenizer
+from tinylm import run_cli, tiny_llama, tiny_world, tofu_rows, word_tokenizer, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------
 # a tiny model saved with save_pretrained, and TOFU-format files
-
-
-def _tofu(rows):
-    """TOFU's fields: paraphrased_answer and perturbed_answer (answers of other rows)."""
-    return [{**r, "paraphrased_answer": r["answer"],
-             "perturbed_answer": [rows[(i + 1) % len(rows)]["answer"], rows[(i + 2) % len(rows)]["answer"]]}
-            for i, r in enumerate(rows)]
-
-
-def _jsonl(path: Path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +43,11 @@ def world(tmp_path_factory):
     return {
         "root": root,
         "model": str(root / "model"),
-        "forget": _jsonl(root / "forget.json", _tofu(forget)),  # JSON lines under .json, as TOFU ships them
-        "retain": _jsonl(root / "retain.json", _tofu(retain)),
-        "mc": _jsonl(root / "mc.jsonl", mc),
-        "text": _jsonl(root / "text.jsonl", [{"text": t} for t in texts[:6]]),
+        "forget": write_jsonl(root / "forget.json", tofu_rows(forget)),  # JSON lines under .json, as TOFU ships them
+        "retain": write_jsonl(root / "retain.json", tofu_rows(retain)),
+        "mc": write_jsonl(root / "mc.jsonl", mc),
+        "text": write_jsonl(root / "text.jsonl", [{"text": t} for t in texts[:6]]),
     }
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with one_thread():
-        rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _logits(model, tok, rows):

@@ -6,26 +6,14 @@ people it does not know."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from nsru import cli
 from nsru import metrics as M
-from tinylm import one_thread, trained_world_model, unknown_people_rows
+from tinylm import one_thread, tofu_rows, trained_world_model, unknown_people_rows, write_jsonl
 
 NO_TR = "rows have no paraphrased_answer and perturbed_answer"
-
-
-def _tofu(rows):
-    return [{**r, "paraphrased_answer": r["answer"],
-             "perturbed_answer": [rows[(i + 1) % len(rows)]["answer"], rows[(i + 2) % len(rows)]["answer"]]}
-            for i, r in enumerate(rows)]
-
-
-def _jsonl(path: Path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +24,15 @@ def files(tmp_path_factory):
     tok.save_pretrained(root / "model")
     # The last two are people the model was taught to refuse, in wording the default detector
     # reads as refusals (the others decode as "I ' m sorry", which it does not).
-    retain_rows = _tofu(retain[:4] + unknown_people_rows()[6:8])
+    retain_rows = tofu_rows(retain[:4] + unknown_people_rows()[6:8])
     general_rows = [{"question": r["question"], "answer": r["answer"]} for r in retain[4:8]]
     return {
         "model": str(root / "model"),
-        "forget": _jsonl(root / "forget.json", _tofu(forget)),
-        "bare_forget": _jsonl(root / "bare_forget.json", [{"question": r["question"], "answer": r["answer"]}
+        "forget": write_jsonl(root / "forget.json", tofu_rows(forget)),
+        "bare_forget": write_jsonl(root / "bare_forget.json", [{"question": r["question"], "answer": r["answer"]}
                                                           for r in forget]),
-        "retain": _jsonl(root / "retain.json", retain_rows),
-        "general": _jsonl(root / "general.json", general_rows),
+        "retain": write_jsonl(root / "retain.json", retain_rows),
+        "general": write_jsonl(root / "general.json", general_rows),
         "retain_rows": retain_rows,
         "general_rows": general_rows,
         "trained": (model, tok),

@@ -14,10 +14,9 @@ import torch
 pytest.importorskip("gguf")
 
 import nsru.gguf as G  # noqa: E402
-from nsru import cli  # noqa: E402
 from nsru.cli import common  # noqa: E402
 from test_pretrained import write_tiny_llama_gguf  # noqa: E402
-from tinylm import one_thread, tiny_world  # noqa: E402
+from tinylm import run_cli, tiny_world  # noqa: E402
 
 FAST = ("steps=2", "batch_size=4", "stats=retain", "max_length=64", "schedule=constant", "progress=false")
 
@@ -40,14 +39,6 @@ def files(tmp_path_factory):
         mp.setenv("NSRU_CACHE", str(root / "cache"))
         yield {"root": root, "gguf": gguf_file, "forget": jsonl("forget.json", forget),
                "retain": jsonl("retain.json", retain), "cache": root / "cache"}
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with one_thread():
-        rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _no_dequantising(monkeypatch):

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 import nsru
-from nsru import cli
 from nsru.cli import rundir as R
 from nsru.config import UnlearnConfig
 from nsru.methods import METHODS, nsru_loss, register_method
 from nsru.schedule import ScheduleError, check_resume, lr_scheduler, restore_scheduler, warmup_steps
-from tinylm import one_thread, tiny_llama, tiny_world, trained_world_model, word_tokenizer
+from tinylm import one_thread, run_cli, tiny_llama, tiny_world, trained_world_model, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +37,6 @@ def world(tmp_path_factory):
         (root / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"root": root, "model": str(root / "model"), "other": str(root / "other"), "tok": tok,
             "forget": str(root / "forget.json"), "retain": str(root / "retain.json")}
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with one_thread():
-        rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _unlearn(world, out, *opts):

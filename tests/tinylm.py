@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import torch
@@ -149,3 +150,26 @@ def answer_probs(model, tok, rows, answers=None):
     model.train(was)
     tok_lp, mask = token_logprobs(logits, batch["labels"])
     return (tok_lp.sum(-1) / mask.sum(-1)).exp()
+
+
+def tofu_rows(rows):
+    """TOFU's fields: paraphrased_answer and perturbed_answer (answers of other rows)."""
+    return [{**r, "paraphrased_answer": r["answer"],
+             "perturbed_answer": [rows[(i + 1) % len(rows)]["answer"], rows[(i + 2) % len(rows)]["answer"]]}
+            for i, r in enumerate(rows)]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``nsru.cli.main(argv)`` on one thread: (exit status, stdout, stderr)."""
+    from nsru import cli
+
+    capsys.readouterr()
+    with one_thread():
+        rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
