@@ -165,17 +165,9 @@ def _generate_rows(model, tokenizer, n, prompts, chat, max_new_tokens, seed, bat
                 chosen = [prompts[i % len(prompts)] for i in range(lo, min(n, lo + batch_size))]
                 enc = [{"input_ids": prompt_ids(tokenizer, p) if chat else _bos(tokenizer)} for p in chosen]
                 batch = pad_encodings(enc, pad, padding_side="left")
-                ids = batch["input_ids"].to(device)
-                try:
-                    out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
-                                         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                         top_p=0.95, pad_token_id=pad)
-                except RuntimeError as e:
-                    if "inf" not in str(e) and "nan" not in str(e):
-                        raise
-                    raise FloatingPointError(f"the model's outputs are NaN/Inf while writing its own samples for "
-                                             f"stats='self' ({e}); check its weights") from None
-                texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+                texts = generate_texts(model, tokenizer, batch, device, "writing its own samples for stats='self'",
+                                       max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                       top_p=0.95, pad_token_id=pad)
                 for prompt, text in zip(chosen, texts):
                     text = text.strip()
                     if text:
@@ -194,3 +186,16 @@ def _bos(tokenizer) -> list[int]:
     if bos is None:
         raise ValueError("sampling 'self' texts without a chat template needs a bos or eos token to start from")
     return [int(bos)]
+
+
+def generate_texts(model, tokenizer, batch: dict, device, doing: str, **settings) -> list[str]:
+    """The decoded continuations of a left-padded ``batch`` (``model.generate`` with ``settings``);
+    NaN/Inf in the model's outputs is a ``FloatingPointError`` saying what it was ``doing``."""
+    ids = batch["input_ids"].to(device)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(device), **settings)
+    except RuntimeError as e:
+        if "inf" not in str(e) and "nan" not in str(e):
+            raise
+        raise FloatingPointError(f"the model's outputs are NaN/Inf while {doing} ({e}); check its weights") from None
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)

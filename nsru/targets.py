@@ -60,6 +60,7 @@ from nsru.atomic import atomic_write
 from nsru.data import has_chat_template, pad_encodings, pad_token_id, prompt_ids
 from nsru.layer import adapter_disabled, model_device
 from nsru.safe_targets import is_safe_response
+from nsru.self_samples import generate_texts
 
 __all__ = [
     "KINDS", "QUESTION_BANK", "BUILTIN_NEIGHBOURS", "TargetData", "NothingToForget", "target_rows",
@@ -520,17 +521,9 @@ def _generate(model: nn.Module, tokenizer, questions: Sequence[str], *, n: int, 
             for lo in range(0, len(order), per_batch):
                 chunk = order[lo:lo + per_batch]
                 batch = pad_encodings([{"input_ids": encoded[i]} for i in chunk], pad, padding_side="left")
-                ids = batch["input_ids"].to(device)
-                try:
-                    gen = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
-                                         max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad,
-                                         **settings)
-                except RuntimeError as e:
-                    if "inf" not in str(e) and "nan" not in str(e):
-                        raise
-                    raise FloatingPointError(f"the model's outputs are NaN/Inf while answering questions about the "
-                                             f"targets ({e}); check its weights") from None
-                texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+                texts = generate_texts(model, tokenizer, batch, device, "answering questions about the targets",
+                                       max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad,
+                                       **settings)
                 for j, i in enumerate(chunk):
                     out[i] = [t.strip() for t in texts[j * n:(j + 1) * n]]
                 bar.update(len(chunk))
