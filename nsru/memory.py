@@ -17,7 +17,8 @@ What is counted (bytes; ``w`` weight bytes, 2 for bf16; ``a`` activation bytes, 
 * bases: one fp32 ``in × k`` basis per group, ``k = basis_fraction · in`` (the energy rule decides
   ``k``; the tiny benchmark model keeps 0.43 of the width at τ = 0.9, so 0.5 is the planning value).
 * adapters: ``r · (in + out)`` fp32 per module, with gradient and AdamW's two moments: 16 bytes each.
-* activations, per token of each forward that keeps its graph (NSRU: safe, forget, retain): per
+* activations, per token of each forward whose graph is held at once (one: the trainer runs each
+  loss term's backward before the next term's forward; NSRU's three terms summed first hold three): per
   block ``a·(7h + 4f + kv) + 4·(2h + heads + 2)`` — the inputs each adapter saves (norm outputs,
   attention output, MLP product), SDPA's q, k, v (repeated to all heads; grouped-query models keep
   the unrepeated k, v too), its output and log-sum-exp, SwiGLU's gate/up/product, and the fp32
@@ -159,7 +160,7 @@ def estimate_memory(
     fsdp: bool = False,
     r: int = 8,
     basis_fraction: float = 0.5,
-    forwards: int = 3,
+    forwards: int = 1,
     weight_bytes: int = 2,
     act_bytes: int = 2,
     stats_chunk: int = 16,
@@ -167,7 +168,8 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Memory per GPU of ``method`` (``nsru``, ``lora`` = PEFT LoRA, ``full`` = full fine-tuning)
     on ``shape`` with ``batch`` sequences of ``seq`` tokens per GPU and per forward, ``forwards``
-    forwards that keep their graph in a step (NSRU's loss: 3), ``world`` GPUs, all linear modules of
+    forwards whose graphs are held at once (1: the trainer runs each loss term's backward before the
+    next term's forward; 3 for a loop that sums NSRU's terms first), ``world`` GPUs, all linear modules of
     every block adapted with rank ``r`` (or of ``adapted_layers`` blocks: the ``layers`` option). See
     the module docstring for what each part counts."""
     if method not in METHODS:
