@@ -176,7 +176,7 @@ def test_the_table_shows_the_audit_only_for_runs_that_have_it():
 
 def test_comparison_writes_results_table_and_plot(tmp_path):
     facts = _facts()
-    res = real.run_real(tmp_path, seeds=1, names=["nsru[retain]", "lora (nsru-no-project)"], steps=20, lr=1e-2,
+    res = real.run_real(tmp_path, seeds=[3], names=["nsru[retain]", "lora (nsru-no-project)"], steps=20, lr=1e-2,
                         batch_size=4, options={"layers": "1"}, facts=facts, load=lambda: trained_world_model()[:2],
                         log=lambda *a: None)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -190,6 +190,7 @@ def test_comparison_writes_results_table_and_plot(tmp_path):
             assert 0 <= row[key] <= 1, (name, key)
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert all({"retain_false_refusal", "neighbour_false_refusal", "general_false_refusal"} <= set(r) for r in runs)
+    assert [r["seed"] for r in runs] == [None, 3, 3] and saved["config"]["seeds"] == [3]  # the seeds asked for
     table = (tmp_path / "table.md").read_text()
     assert "| nsru[retain] |" in table
     assert "| retain_false_refusal | neighbour_false_refusal | general_false_refusal |" in table.splitlines()[0]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -191,14 +192,15 @@ def variants(stats_corpus: Path) -> dict[str, dict]:
     }
 
 
-def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None = None, lr: float | None = None,
-             batch_size: int | None = None, options: dict | None = None, cache=None, facts: dict | None = None,
-             load=None, log=print, audit: bool = True, audit_settings: dict | None = None) -> dict:
+def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, steps: int | None = None,
+             lr: float | None = None, batch_size: int | None = None, options: dict | None = None, cache=None,
+             facts: dict | None = None, load=None, log=print, audit: bool = True, audit_settings: dict | None = None) -> dict:
     """Run the comparison; write ``results.json``, ``table.md`` and ``real_knowledge.png`` under ``out``.
 
-    ``names``: a subset of :func:`variants` (all by default); ``options``: further ``nsru.unlearn``
-    options for every run (e.g. ``{"subspace": "tail=1e-3"}``); ``facts`` and ``load`` (a callable
-    returning a fresh ``(model, tokenizer)``) replace the shipped fact set and SmolLM2 (tests).
+    ``seeds``: how many (0, 1, ...) or which; ``names``: a subset of :func:`variants` (all by
+    default); ``options``: further ``nsru.unlearn`` options for every run (e.g. ``{"subspace":
+    "tail=1e-3"}``); ``facts`` and ``load`` (a callable returning a fresh ``(model, tokenizer)``)
+    replace the shipped fact set and SmolLM2 (tests).
     ``audit``: audit every model (:func:`nsru.audit.audit`; the before model once, every run against
     it), the slowest part of an evaluation (``False`` skips it); ``audit_settings``: options for it
     beyond :func:`audit_options` (e.g. ``{"relearn": {}}`` for no relearning)."""
@@ -217,6 +219,7 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(table_of)}")
 
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     budget = {"steps": steps or STEPS, "lr": lr or LR, "batch_size": batch_size or BATCH_SIZE, "layers": LAYERS,
               "max_length": 128, "self_samples": SELF_SAMPLES, "progress": False, **(options or {})}
     audit_opts = audit_options(budget["layers"], **(audit_settings or {})) if audit else None
@@ -228,13 +231,13 @@ def run_real(out="nsru-demo-real", seeds: int = 2, names=None, steps: int | None
     log(f"before: {_line(before)}")
     per_seed: dict[str, list[dict]] = {"before": [before]}
     meta = {"scenario": sc.counts,
-            "config": {"seeds": seeds, "held_out": HELD_OUT, **{k: v for k, v in budget.items() if k != "progress"},
+            "config": {"seeds": seed_list, "held_out": HELD_OUT, **{k: v for k, v in budget.items() if k != "progress"},
                        "audit": audit_opts}}
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     runs = out / "runs.jsonl"  # one line per finished run, so an interrupted comparison keeps what it measured
     runs.write_text(json.dumps({"name": "before", "seed": None, **before}) + "\n")
     for name in names:  # every seed of a method before the next method: a cut-short run keeps whole rows
-        for seed in range(seeds):
+        for seed in seed_list:
             model, tok = load()
             t = time.perf_counter()
             result = unlearn(model, tok, sc.forget, sc.retain, seed=seed, **{**budget, **table_of[name]})
