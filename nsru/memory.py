@@ -13,7 +13,8 @@ What is counted (bytes; ``w`` weight bytes, 2 for bf16; ``a`` activation bytes, 
 * statistics (NSRU's set-up): one fp32 ``in × in`` second moment per group of modules reading the
   same input (q/k/v, gate/up, o, down), ×2 while the bases are computed (``retain_subspaces``
   normalises a copy), plus the eigensolver's float64 workspace, plus the statistics forward (no
-  gradients; its logits are ``chunk × seq × vocab``).
+  gradients, no key/value cache; it stops at the input of the last adapted module, so it holds no
+  logits).
 * bases: one fp32 ``in × k`` basis per group, ``k = basis_fraction · in`` (the energy rule decides
   ``k``; the tiny benchmark model keeps 0.43 of the width at τ = 0.9, so 0.5 is the planning value).
 * adapters: ``r · (in + out)`` fp32 per module, with gradient and AdamW's two moments: 16 bytes each.
@@ -210,9 +211,10 @@ def estimate_memory(
 
 def _collect_transient(shape: ModelShape, layers: int, tokens: int, act_bytes: int) -> int:
     """The statistics forward: module inputs held until ``second_moment_`` flushes them (at
-    ``nsru.subspace.FLUSH_BYTES`` or the end of the forward), and the chunk's logits."""
+    ``nsru.subspace.FLUSH_BYTES`` or the end of the forward). The forward stops at the input of the
+    last adapted module (``nsru.subspace._run_hooked``): no logits."""
     inputs = tokens * layers * sum(shape.input_groups()) * act_bytes
-    return min(inputs, FLUSH_BYTES + tokens * shape.intermediate * act_bytes) + tokens * shape.vocab * act_bytes
+    return min(inputs, FLUSH_BYTES + tokens * shape.intermediate * act_bytes)
 
 
 def _eigh_workspace(shape: ModelShape, statistics: int) -> int:

@@ -33,7 +33,7 @@ from nsru.distributed import dist_info, init_distributed_from_env, run_on_rank0
 from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
-from nsru.stats_sources import describe, global_source_means, stats_encodings
+from nsru.stats_sources import describe, global_source_means, source_holding, stats_encodings
 from nsru.sampler import Stream
 from nsru.subspace import (SavedBases, SecondMoments, basis_info, collect_second_moments, read_bases,
                            retain_subspaces, set_retain_bases, summarize_bases)
@@ -160,18 +160,23 @@ def fit_retain_bases(
         stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
         max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
         self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed, progress=progress)
-    moments, stat_batches = global_source_means(model, sources, lambda enc: _stat_batches(enc, pad_id, device),
-                                                progress=progress)
+    moments, source_batches = global_source_means(model, sources, lambda enc: _stat_batches(enc, pad_id, device),
+                                                  progress=progress)
     subspaces = retain_subspaces(moments, cfg.subspace_rule)
     kept = moments if keep_moments else None
     del moments  # d² floats per module group: not kept through training unless asked for
     set_retain_bases(model, {n: s.basis for n, s in subspaces.items()})
-    leaks = {"leakage": stat_batches}
-    if retain is not None and stats != ["retain"]:
-        leaks["leakage_retain"] = _stat_batches(retain, pad_id, device)
-    if forget is not None:
-        leaks["leakage_forget"] = _stat_batches(forget, pad_id, device)
-    modules = basis_info(model, leaks, capped={n: s.capped for n, s in subspaces.items()}, progress=progress)
+    # One leakage pass, one forward per distinct batch: the retain (or forget) encodings that a
+    # statistics source already holds (the retain rows usually are one) reuse its batches.
+    data = {("source", name): batches for name, batches in source_batches.items()}
+    sets = {"leakage": list(data)}
+    for key, encodings in (("leakage_retain", retain if stats != ["retain"] else None), ("leakage_forget", forget)):
+        if encodings is not None:
+            same = source_holding(sources, encodings)
+            if same is None:
+                data[key] = _stat_batches(encodings, pad_id, device)
+            sets[key] = [key if same is None else ("source", same)]
+    modules = basis_info(model, data, sets=sets, capped={n: s.capped for n, s in subspaces.items()}, progress=progress)
     return RetainBases(modules, describe(sources), kept)
 
 

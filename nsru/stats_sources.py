@@ -100,23 +100,37 @@ def describe(sources: Mapping[str, list[dict]]) -> dict[str, dict]:
     return {name: {"rows": len(enc), "tokens": sum(len(e["input_ids"]) for e in enc)} for name, enc in sources.items()}
 
 
+def source_holding(sources: Mapping[str, list[dict]], encodings: Sequence[Mapping]) -> str | None:
+    """The name of the source of ``sources`` whose encodings are ``encodings`` (the same token ids
+    and attention masks in the same order), e.g. the retain rows as a statistics source; else
+    ``None``. Its batches can then stand for ``encodings`` without another forward."""
+    def key(e: Mapping) -> tuple:  # what a batch is made of (no mask: every token counts)
+        ids, mask = e["input_ids"], e.get("attention_mask")
+        return list(ids), list(mask) if mask is not None else [1] * len(ids)
+
+    for name, enc in sources.items():
+        if len(enc) == len(encodings) and all(key(a) == key(b) for a, b in zip(enc, encodings)):
+            return name
+    return None
+
+
 def global_source_means(model: nn.Module, sources: Mapping[str, list[dict]], batches,
-                        progress: bool = False) -> tuple[SecondMoments, list]:
+                        progress: bool = False) -> tuple[SecondMoments, dict[str, list]]:
     """The retain statistics of ``sources``: each source's mean second moment over the data of
     every process (where :func:`nsru.subspace.collect_second_moments` gives this process's raw
-    sums), the means added so that each source weighs equally; and every source's batches
-    (``batches(encodings)`` makes them). ``progress``: a bar per source, ``statistics (NAME)``,
-    counting its batches."""
+    sums), the means added so that each source weighs equally; and each source's batches
+    (``batches(encodings)`` makes them), by source name. ``progress``: a bar per source,
+    ``statistics (NAME)``, counting its batches."""
     combined: SecondMoments | None = None
-    everything: list = []
+    by_source: dict[str, list] = {}
     for name, encodings in sources.items():
         source_batches = batches(encodings)
         moments = collect_second_moments(model, source_batches, progress=progress,
                                          desc=f"statistics ({Path(name).name})").all_reduce().normalize_()
         combined = moments if combined is None else combined.add_(moments)
-        everything.extend(source_batches)
+        by_source[name] = source_batches
     for name in combined.names():
         if not torch.isfinite(combined[name]).all():
             raise FloatingPointError(f"retain statistics of module {name!r} contain NaN/Inf; "
                                      "check the model's activations on the statistics data")
-    return combined, everything
+    return combined, by_source

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +95,40 @@ def _row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None
     return mask.reshape(-1)
 
 
+class _StopForward(Exception):
+    """Raised by a hooked pass once every hooked module has read its input: the rest of the forward
+    (later blocks, the output head, the vocabulary-wide logits) computes nothing the pass reads."""
+
+
+def _can_stop_early(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` may be cut short by an exception: not where hooks around the
+    forward gather and release weights and would be left half done (FSDP's units, accelerate's
+    offloading)."""
+    sharded: tuple = ()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # FSDP needs a process group
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        sharded = (FSDPModule, FullyShardedDataParallel)
+    for m in model.modules():
+        if sharded and isinstance(m, sharded):
+            return False
+        hook = getattr(m, "_hf_hook", None)
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            return False
+    return True
+
+
+def _no_cache(model: nn.Module) -> dict:
+    """``use_cache=False`` where ``model.forward`` takes it (transformers' models): a hooked pass
+    reads module inputs only, so the key/value cache of every layer need not be kept."""
+    try:
+        import inspect
+
+        return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    except (TypeError, ValueError):
+        return {}
+
+
 def _run_hooked(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -103,19 +137,43 @@ def _run_hooked(
     progress: bool,
     before_forward: Callable[[Mapping], None],
     after_forward: Callable[[], None] = lambda: None,
+    total: int | None = None,
 ) -> None:
-    """Forward every batch through the original model (eval mode, no gradients, adapters disabled)
-    with ``hooks`` installed as forward pre-hooks; the model's mode is restored afterwards."""
-    handles = [m.register_forward_pre_hook(h) for m, h in hooks.items()]
+    """Forward every batch through the original model (eval mode, no gradients, adapters disabled,
+    no key/value cache) with ``hooks`` installed as forward pre-hooks; the model's mode is restored
+    afterwards. A forward stops as soon as every hooked module has read its input (in the pre-hook
+    of the last one), so neither the modules after it nor the output head and its logits run — an
+    adapted output head still reads its input first. A module that runs twice in one forward is
+    seen on its first call only where every module has run by then; FSDP-sharded and offloaded
+    models run whole forwards."""
+    seen: set[int] = set()
+    stop = _can_stop_early(model)
+
+    def hooked(fn: Callable) -> Callable:
+        def pre_hook(module, args):
+            fn(module, args)
+            if stop:
+                seen.add(id(module))
+                if len(seen) == len(hooks):
+                    raise _StopForward
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hooked(h)) for m, h in hooks.items()]
     device = model_device(model)
+    extra = _no_cache(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), adapter_disabled(model):
-            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False, total=total):
                 batch = _to_device(batch, device)
                 before_forward(batch)
-                model(**batch)
+                seen.clear()
+                try:
+                    model(**{**extra, **batch})
+                except _StopForward:
+                    pass
                 after_forward()
     finally:
         for h in handles:
@@ -230,24 +288,26 @@ def set_retain_bases(model: nn.Module, bases: Mapping[str, torch.Tensor]) -> Non
         adapters[name].set_retain_basis(basis)
 
 
-def leakage(
+def _leakage_sums(
     model: nn.Module,
-    batches: Iterable[Mapping],
+    data: Mapping[str, Iterable[Mapping]],
+    sets: Mapping[str, Sequence[str]],
     *,
-    progress: bool = True,
-    desc: str = "leakage",
-) -> dict[str, float]:
-    """Per module, the mean over non-pad tokens of ``‖P⊥h‖² / ‖h‖²`` for its inputs ``h``.
-
-    It bounds how far the adapter can move the module's outputs on this data (``‖ΔW h‖ ≤ ‖ΔW‖‖P⊥h‖``):
-    0 means the data lies in the retain subspace.
-    """
+    progress: bool,
+    desc: str,
+) -> dict[str, dict[str, float]]:
+    """Per entry of ``sets`` (a name and the names of the ``data`` it covers) and per module, the
+    mean over the non-pad tokens of all its data of ``‖P⊥h‖² / ‖h‖²``, in one hooked pass that
+    forwards each batch of ``data`` once however many sets read it (data no set names is not run)."""
     adapters: dict[str, NSRULinear] = nsru_modules(model)
     if not adapters:
         raise ValueError(f"{type(model).__name__} has no NSRU adapters; call nsru.apply_nsru() first")
-    totals = {n: 0.0 for n in adapters}
-    counts = {n: 0 for n in adapters}
-    current = {"mask": None}
+    unknown = [d for names in sets.values() for d in names if d not in data]
+    if unknown:
+        raise KeyError(f"leakage: no data named {unknown[0]!r} (data: {', '.join(map(repr, data))})")
+    totals = {key: {n: 0.0 for n in adapters} for key in sets}
+    counts = {key: {n: 0 for n in adapters} for key in sets}
+    current: dict = {"mask": None, "keys": ()}
 
     def hook(name: str, adapter: NSRULinear):
         def pre_hook(module, args):
@@ -260,14 +320,46 @@ def leakage(
             u = adapter.retain_basis
             outside = h - (h @ u) @ u.T if u.shape[1] else h
             ratio = outside.pow(2).sum(-1) / h.pow(2).sum(-1).clamp_min(1e-30)
-            totals[name] += float(ratio.sum())
-            counts[name] += h.shape[0]
+            value = float(ratio.sum())
+            for key in current["keys"]:
+                totals[key][name] += value
+                counts[key][name] += h.shape[0]
 
         return pre_hook
 
+    readers = {d: tuple(key for key, names in sets.items() if d in names) for d in data}
+    runs = [(d, batches) for d, batches in data.items() if readers[d]]
+    sizes = [len(b) if hasattr(b, "__len__") else None for _, b in runs]
+
+    def tagged():
+        for d, batches in runs:
+            for batch in batches:
+                current["keys"] = readers[d]
+                yield batch
+
+    def before_forward(batch: Mapping) -> None:
+        current["mask"] = batch.get("attention_mask")
+
     hooks = {m: hook(n, m) for n, m in adapters.items()}
-    _run_hooked(model, batches, hooks, desc, progress, lambda batch: current.__setitem__("mask", batch.get("attention_mask")))
-    return {n: totals[n] / counts[n] if counts[n] else float("nan") for n in adapters}
+    _run_hooked(model, tagged(), hooks, desc, progress, before_forward,
+                total=sum(sizes) if None not in sizes else None)
+    return {key: {n: totals[key][n] / counts[key][n] if counts[key][n] else float("nan") for n in adapters}
+            for key in sets}
+
+
+def leakage(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    progress: bool = True,
+    desc: str = "leakage",
+) -> dict[str, float]:
+    """Per module, the mean over non-pad tokens of ``‖P⊥h‖² / ‖h‖²`` for its inputs ``h``.
+
+    It bounds how far the adapter can move the module's outputs on this data (``‖ΔW h‖ ≤ ‖ΔW‖‖P⊥h‖``):
+    0 means the data lies in the retain subspace.
+    """
+    return _leakage_sums(model, {"data": batches}, {"leakage": ["data"]}, progress=progress, desc=desc)["leakage"]
 
 
 def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
@@ -281,15 +373,21 @@ def basis_info(
     model: nn.Module,
     leakage_batches: Mapping[str, Iterable[Mapping]],
     *,
+    sets: Mapping[str, Sequence[str]] | None = None,
     capped: Mapping[str, bool] | None = None,
     progress: bool = False,
 ) -> dict[str, dict]:
     """Per adapter: its retain-subspace size ``k``, ``in_features``, whether the rule's floor
-    capped ``k``, and one :func:`leakage` per entry of ``leakage_batches`` (e.g. ``{"leakage":
-    statistics batches, "leakage_forget": forget batches}``), averaged over the processes.
-    ``progress``: a bar per entry, named by its key."""
-    measured = {key: _mean_over_processes(leakage(model, batches, progress=progress, desc=key.replace("_", " ")))
-                for key, batches in leakage_batches.items()}
+    capped ``k``, and the :func:`leakage` on each data set, averaged over the processes.
+
+    ``leakage_batches`` names the data (e.g. ``{"leakage": statistics batches, "leakage_forget":
+    forget batches}``); each batch is forwarded once, in one pass. ``sets``: the reported keys, each
+    the names of the data it covers (its leakage is the mean over all their tokens, e.g.
+    ``{"leakage": ["retain", "self"], "leakage_retain": ["retain"]}``); default one key per data
+    name. ``progress``: one bar for the pass."""
+    sets = {key: [key] for key in leakage_batches} if sets is None else sets
+    sums = _leakage_sums(model, leakage_batches, sets, progress=progress, desc="leakage")
+    measured = {key: _mean_over_processes(values) for key, values in sums.items()}
     capped = capped or {}
     return {name: {"k": adapter.k, "in_features": adapter.in_features, "capped": bool(capped.get(name, False)),
                    **{key: values[name] for key, values in measured.items()}}

@@ -125,3 +125,42 @@ def test_each_source_weighs_equally_whatever_its_size():
     for name in plain.names():
         torch.testing.assert_close(one[name], plain[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(mixed[name], (plain[name] + forget_only[name]) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_retain_bases_runs_each_batch_once_for_the_leakage(tmp_path):
+    """The retain rows are a statistics source: their leakage pass is shared with the statistics
+    data's (one statistics and one leakage forward per batch, the forget batches one), and every
+    figure equals :func:`nsru.leakage` on that data's own batches."""
+    from nsru.data import input_batches, pad_token_id
+    from nsru.pipeline import _encode_forget, _encode_retain, fit_retain_bases, resolve_config
+
+    model, tok, forget, retain = trained_world_model()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Oslo Lima Rome {i} ."}) for i in range(20)))
+    cfg, m = resolve_config(None, None, {"stats": ["retain", str(corpus)], "progress": False})
+    nsru.apply_nsru(model, r=2)
+    retain_enc = [e["retain"] for e in _encode_retain(retain, tok, cfg)]
+    forget_enc = [e["forget"] for e in _encode_forget(forget, tok, cfg, m)]
+    forwards: dict[tuple, int] = {}  # forwards of each batch (its token ids)
+    key = lambda ids: (tuple(ids.shape), ids.numpy().tobytes())  # noqa: E731
+
+    def count(module, args):
+        forwards[key(args[0])] = forwards.get(key(args[0]), 0) + 1
+
+    handle = model.get_input_embeddings().register_forward_pre_hook(count)
+    fit = fit_retain_bases(model, tok, cfg, retain_rows=retain, forget_rows=forget, retain=retain_enc,
+                           forget=forget_enc)
+    handle.remove()
+    pad = pad_token_id(tok)
+    batches = {name: input_batches(enc, pad) for name, enc in stats_encodings(
+        ["retain", str(corpus)], model=model, tokenizer=tok, retain_rows=retain, forget_rows=forget).items()}
+    forget_batches = input_batches(forget_enc, pad)
+    assert [forwards[key(b["input_ids"])] for b in [*batches["retain"], *batches[str(corpus)]]] == [2] * (
+        len(batches["retain"]) + len(batches[str(corpus)]))  # statistics + leakage (was 3 for the retain rows)
+    assert [forwards[key(b["input_ids"])] for b in forget_batches] == [1] * len(forget_batches)
+    expected = {"leakage": nsru.leakage(model, [*batches["retain"], *batches[str(corpus)]], progress=False),
+                "leakage_retain": nsru.leakage(model, batches["retain"], progress=False),
+                "leakage_forget": nsru.leakage(model, forget_batches, progress=False)}
+    for name, info in fit.modules.items():
+        for key, values in expected.items():
+            assert info[key] == pytest.approx(values[name], rel=1e-12, abs=1e-15), (name, key)

@@ -5,7 +5,7 @@ import torch
 
 import nsru
 from conftest import tiny_gpt2, tiny_llama, token_batches
-from nsru.subspace import SecondMoments
+from nsru.subspace import SecondMoments, basis_info
 
 
 def _inputs_by_module(model, batches):
@@ -114,3 +114,79 @@ def test_errors_name_what_is_wrong():
         nsru.set_retain_bases(model, {"lm_head": torch.zeros(32, 0)})
     with pytest.raises(ValueError, match="different modules"):
         SecondMoments().add_(nsru.collect_second_moments(model, token_batches(1), progress=False))
+
+
+def _count_calls(modules):
+    """Forward calls of each of ``modules`` (a forward hook counts the calls that ran to the end)."""
+    calls = {m: 0 for m in modules}
+    handles = [m.register_forward_hook(lambda mod, args, out: calls.__setitem__(mod, calls[mod] + 1)) for m in modules]
+    return calls, handles
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_hooked_passes_stop_after_the_last_adapted_input(make):
+    """Statistics and leakage read module inputs only: the output head (and its vocabulary-wide
+    logits) never runs, nor do the blocks above the last adapted module; the numbers are those of
+    whole forwards."""
+    model = make()
+    head = model.get_output_embeddings()
+    blocks = model.model.layers if hasattr(model, "model") else model.transformer.h
+    nsru.apply_nsru(model, r=2, layers="0")
+    batches = token_batches(2)
+    calls, handles = _count_calls([head, blocks[0], blocks[1]])
+    moments = nsru.collect_second_moments(model, batches, dtype=torch.float64, progress=False)
+    nsru.set_retain_bases(model, nsru.retain_bases(moments, "energy=0.9"))
+    leak = nsru.leakage(model, batches, progress=False)
+    for h in handles:
+        h.remove()
+    assert calls[head] == 0 and calls[blocks[1]] == 0  # stopped inside block 0 ...
+    assert calls[blocks[0]] == 0  # ... at the input of its last adapted module (that module never ran)
+    inputs = _inputs_by_module(model, batches)  # whole forwards, the slow way
+    for name, x in inputs.items():
+        torch.testing.assert_close(moments[name], x.T @ x / x.shape[0], rtol=1e-9, atol=1e-12)
+        u = nsru.nsru_modules(model)[name].retain_basis.double()
+        ratio = ((x - x @ u @ u.T).pow(2).sum(-1) / x.pow(2).sum(-1)).mean()
+        assert leak[name] == pytest.approx(float(ratio), rel=1e-5)
+
+
+def test_an_adapted_output_head_still_gets_its_inputs():
+    """An adapter on the output head (wrapped by hand; ``all-linear`` leaves the head out) reads the
+    final hidden states; the head's product with the vocabulary is still never computed."""
+    from nsru.layer import NSRULinear
+
+    model = tiny_llama()
+    nsru.apply_nsru(model, r=2, target_modules=["down_proj"])
+    model.lm_head = NSRULinear(model.lm_head, r=2, name="lm_head")
+    batches = token_batches(2)
+    calls, handles = _count_calls([model.lm_head.base_layer])
+    moments = nsru.collect_second_moments(model, batches, dtype=torch.float64, progress=False)
+    for h in handles:
+        h.remove()
+    assert calls[model.lm_head.base_layer] == 0
+    assert "lm_head" in moments.names()
+    x = _inputs_by_module(model, batches)["lm_head"]
+    torch.testing.assert_close(moments["lm_head"], x.T @ x / x.shape[0], rtol=1e-9, atol=1e-12)
+
+
+def test_basis_info_forwards_each_batch_once_and_reports_every_set():
+    """Leakage sets that share data (the statistics sources and the retain rows among them) cost one
+    forward per batch, and each set's figure is that of :func:`nsru.leakage` on its own batches."""
+    model = tiny_llama()
+    nsru.apply_nsru(model, r=2)
+    a, b, c = token_batches(2, seed=1), token_batches(1, seed=2), token_batches(2, seed=3)
+    nsru.set_retain_bases(model, nsru.retain_bases(nsru.collect_second_moments(model, a + b, progress=False),
+                                                   "energy=0.9"))
+    expected = {"leakage": nsru.leakage(model, a + b, progress=False),
+                "leakage_retain": nsru.leakage(model, a, progress=False),
+                "leakage_forget": nsru.leakage(model, c, progress=False)}
+    seen: list[bytes] = []
+    handle = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: seen.append(args[0].numpy().tobytes()))
+    info = basis_info(model, {"a": a, "b": b, "c": c, "unused": token_batches(1, seed=4)},
+                           sets={"leakage": ["a", "b"], "leakage_retain": ["a"], "leakage_forget": ["c"]})
+    handle.remove()
+    assert sorted(seen) == sorted(x["input_ids"].numpy().tobytes() for x in a + b + c)  # each once, nothing else
+    for name, values in info.items():
+        for key, by_module in expected.items():
+            assert values[key] == pytest.approx(by_module[name], rel=1e-12, abs=1e-15), (name, key)
+    with pytest.raises(KeyError, match="no data named 'd'"):
+        basis_info(model, {"a": a}, sets={"leakage": ["d"]})
