@@ -29,6 +29,7 @@ RUN_KEYS = {
     "tokenizer": "tokenizer folder or hub name (default: the model's)",
     "forget": "forget data: TOFU-style JSON/JSONL, a text corpus, or a datasets name",
     "retain": "retain data (same formats)",
+    "target": "names to forget whose forget rows the model writes itself (a list)",
     "dtype": "auto, float32, bfloat16 or float16",
     "device": "cpu, cuda, cuda:N or auto",
     "trust_remote_code": "let transformers run the model's own code",

@@ -12,6 +12,9 @@
       adapter/             the NSRU adapter (nsru.load_adapter; `nsru export` makes a PEFT one)
       metrics.json         "train": time, steps, last losses; "eval": what `nsru eval --out OUT` measured
       checkpoints/         checkpoint-<step>/ folders for `--resume` (save_every=N)
+      generated/           with --target: forget.jsonl, retain.jsonl (the rows the model wrote about the
+                           names and their neighbours; read or edit them: a rerun or --resume reuses
+                           them) and report.json (what was asked, kept and dropped, and why)
 
 Standard library (and PyYAML) only.
 """
@@ -33,6 +36,7 @@ BASIS_REPORT = "basis_report.json"
 ADAPTER = "adapter"
 METRICS = "metrics.json"
 CHECKPOINTS = "checkpoints"
+GENERATED = "generated"
 
 
 class RunDir:

@@ -33,13 +33,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         NAME, help="unlearn forget data from a model; writes a run folder with the adapter",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="nsru unlearn --model PATH --forget FILE [--retain FILE] --out DIR [--config YAML] [--bases DIR] "
-              "[--resume] [key=value ...]",
+        usage="nsru unlearn --model PATH (--forget FILE | --target NAME ...) [--retain FILE] --out DIR "
+              "[--config YAML] [--bases DIR] [--resume] [key=value ...]",
         description=wrap("Train NSRU (or a baseline: method=...) adapters that make the model refuse the forget "
                     "questions, suppress its old answers and keep the retain data, with updates confined to the "
                     "null space of each module's retain statistics. Data: TOFU-style JSON/JSONL (question, answer; "
                     "optional paraphrased_answer, perturbed_answer, subject, safe_answer), text corpora (text), or "
-                    "a datasets name NAME[:CONFIG][@SPLIT] such as locuslab/TOFU:forget10.\n\n"
+                    "a datasets name NAME[:CONFIG][@SPLIT] such as locuslab/TOFU:forget10. Or name what to forget "
+                    "(--target NAME): the model writes its own forget rows, and retain rows about similar entities "
+                    "without --retain, into OUT/generated/.\n\n"
                     "The run folder gets config.yaml (resolved), log.txt, history.jsonl (one line per step), "
                     "basis_report.json (k and leakage per module), adapter/, metrics.json and checkpoints/."),
         epilog=wrap("Options as key=value (after the flags or among them; they override the config file). Values "
@@ -47,7 +49,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                "project=false, rmu_layer=null. Here save_every defaults to a tenth of the steps.")
                + "\n" + options_help())
     add_model_args(p)
-    p.add_argument("--forget", metavar="FILE", help="forget data (required here or in the config's run section)")
+    p.add_argument("--forget", metavar="FILE", help="forget data (here or in the config's run section; optional "
+                                                    "with --target)")
+    p.add_argument("--target", action="append", metavar="NAME",
+                   help="forget what the model knows about NAME (repeatable): it writes question-answer rows about "
+                        "the name (and, without --retain, about other entities of its kind, the retain rows) into "
+                        "OUT/generated/forget.jsonl and retain.jsonl, to read or edit; a rerun or --resume of OUT "
+                        "reuses them. Used beside --forget rows when both are given")
     p.add_argument("--retain", metavar="FILE", help="retain data: the retention loss and (stats=retain) the statistics")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (must not hold a run unless --resume)")
     p.add_argument("--config", metavar="YAML", help="config file: sections run: (model, forget, retain, dtype, "
@@ -88,13 +96,21 @@ def run(args, overrides: dict) -> int:
     resolved, method = resolve_config(None, cfg, {})  # the method's switches and loss weights filled in
     model = check_model_path(values.get("model"))
     check_dtype_device(values.get("dtype"), values.get("device"))
-    if not values.get("forget"):
-        raise UsageError("--forget is required (a JSON/JSONL file of question/answer or text rows, or a datasets name)")
-    forget = load_rows(values["forget"], "--forget")
+    names = _target_names(args.target or values.get("target"))
+    generated = _on_owner(lambda: _read_generated(out, names, args.resume)) if names or args.resume else None
+    reused = generated is not None
+    if not values.get("forget") and not names and not reused:
+        raise UsageError("--forget is required (a JSON/JSONL file of question/answer or text rows, or a datasets "
+                         "name), or --target NAME (a name whose forget rows the model writes itself)")
+    forget = load_rows(values.get("forget"), "--forget")
+    if forget is not None and (names or reused) and "question" not in forget[0]:
+        raise UsageError("--target makes question-answer rows, and --forget holds text rows: give question-answer "
+                         "rows, or leave out one of the two")
     retain = load_rows(values.get("retain"), "--retain")
     project = resolved.project
-    need = resolved.needs_retain_data(method, bases=bool(values.get("bases"))) if retain is None else None
-    if need is not None:
+    has_retain = retain is not None or (reused and bool(generated.retain))
+    need = resolved.needs_retain_data(method, bases=bool(values.get("bases"))) if not has_retain else None
+    if need is not None and not (names and not reused and retain is None):  # else: the model writes retain rows
         raise UsageError(NO_RETAIN[need].format(method=cfg.method))
     bases = None
     if values.get("bases"):
@@ -137,11 +153,21 @@ def run(args, overrides: dict) -> int:
         if method.default_targets is not None and targets == "all-linear":
             targets = method.default_targets(lm, resolved)
         check_targets(lm, targets, resolved.r, resolved.layers)
+    if reused:
+        run_dir.log(f"reusing {out / R.GENERATED} ({len(generated.forget)} forget, {len(generated.retain)} retain "
+                    "rows) instead of generating them again")
+    elif names:
+        generated = _generate(lm, tok, names, forget, retain, resolved, out, run_dir, owner)
+        if need is not None and not generated.retain:
+            raise UsageError(NO_RETAIN[need].format(method=cfg.method)
+                             + f" (the model wrote no retain rows about neighbours of {_quoted(names)})")
 
     config_values = {k: v for k, v in resolved.to_dict().items() if k not in ("output_dir", "resume")}
     _on_owner(lambda: run_dir.create(values, config_values, args.resume))
+    n_forget = len(forget or []) + (len(generated.forget) if generated is not None else 0)
+    n_retain = len(retain) if retain is not None else len(generated.retain) if generated is not None else 0
     run_dir.log(f"nsru unlearn: {'resuming' if args.resume else 'new'} run in {out} (method {resolved.method}, "
-                f"{resolved.steps} steps, {len(forget)} forget rows, {len(retain) if retain else 0} retain rows)")
+                f"{resolved.steps} steps, {n_forget} forget rows, {n_retain} retain rows)")
     if bases is not None:
         run_dir.log(f"reusing the retain bases of {len(bases.bases)} modules from "
                     f"{bases.meta.get('model') or 'a subspace run'} ({bases.meta.get('rule')})")
@@ -149,7 +175,7 @@ def run(args, overrides: dict) -> int:
 
     started = time.perf_counter()
     try:
-        result = nsru.unlearn(lm, tok, forget, retain, config=resolved, bases=bases)
+        result = nsru.unlearn(lm, tok, forget, retain, config=resolved, bases=bases, targets=generated)
     except BaseException as e:
         if owner:
             _failed(run_dir, e, time.perf_counter() - started)
@@ -165,6 +191,10 @@ def run(args, overrides: dict) -> int:
     train = {"method": resolved.method, "steps": len(result.history), "seconds": result.seconds,
              "last": last, "modules": report["modules_count"], "mean_k": report["mean_k"],
              "mean_leakage": report["mean_leakage"], "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    if generated is not None:
+        train["generated"] = {"targets": generated.subjects, "forget": len(generated.forget),
+                              "retain": len(generated.retain), "seconds": generated.report.get("seconds"),
+                              "reused": reused}
     run_dir.update_metrics("train", train, drop=("eval",))  # an eval of the adapter just replaced no longer holds
     losses = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("step", "lr", "grad_norm")
                        and isinstance(v, float))
@@ -174,6 +204,92 @@ def run(args, overrides: dict) -> int:
     run_dir.log(f"wrote {run_dir / R.ADAPTER} (nsru export --adapter {out} --out DIR: a PEFT copy; nsru merge: "
                 "a plain model)")
     return 0
+
+
+def _target_names(given) -> list[str] | None:
+    """The ``--target`` names, blanks squeezed, each once; ``None`` without any."""
+    if not given:
+        return None
+    names: list[str] = []
+    for name in given:
+        name = " ".join(str(name).split())
+        if not name:
+            raise UsageError("--target needs a name, e.g. --target 'Albert Einstein'")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _quoted(names) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _read_generated(out: Path, names: list[str] | None, resume: bool):
+    """The rows an earlier try of this run generated (``OUT/generated``; perhaps edited since), as
+    :class:`nsru.targets.TargetData`, or ``None`` when there are none to reuse. They must be about
+    the same names as ``--target`` (when given), each the subject of a forget row."""
+    import json
+
+    from nsru.data import DataError, load_qa
+    from nsru.targets import TargetData
+
+    folder = out / R.GENERATED
+    if not (folder / "forget.jsonl").is_file() or (not resume and (out / R.CONFIG).is_file()):
+        return None  # nothing to reuse (a finished run in --out is refused by RunDir.check)
+
+    def rows(name: str) -> list[dict]:
+        file = folder / name
+        try:
+            if not file.is_file() or not file.read_text(encoding="utf-8").strip():
+                return []
+            return load_qa(file, str(file))
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            raise UsageError(f"cannot read {file}: {e.strerror or e}") from None
+
+    forget, retain = rows("forget.jsonl"), rows("retain.jsonl")
+    report = {}
+    if (folder / "report.json").is_file():
+        try:
+            report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{folder / 'report.json'}: not readable JSON ({e}); delete it or the folder") from None
+    recorded = list(report.get("targets") or {}) if isinstance(report, dict) else []
+    if names and recorded and set(names) != set(recorded):
+        raise UsageError(f"{folder} holds rows generated about {_quoted(recorded)}, not --target {_quoted(names)}: "
+                         "delete it to generate them again, or choose another --out")
+    names = names or recorded or sorted({r["subject"] for r in forget if isinstance(r.get("subject"), str)})
+    for name in names:
+        if not any(r.get("subject") == name for r in forget):
+            raise UsageError(f"{folder / 'forget.jsonl'}: no row has subject {name!r}; add rows about {name!r}, or "
+                             f"delete {folder} and leave out --target {name!r}")
+    report = dict(report) if isinstance(report, dict) else {}
+    report["targets"] = {n: (report.get("targets") or {}).get(n, {}) for n in names}
+    return TargetData(forget=forget, retain=retain, report=report)
+
+
+def _generate(lm, tok, names: list[str], forget, retain, cfg, out: Path, run_dir: R.RunDir, owner: bool):
+    """Rows about ``names`` from the model (:func:`nsru.targets.target_rows`), written to
+    ``OUT/generated`` by the owner; a name the model knows nothing about is a ``UsageError`` after
+    what was generated is written there."""
+    from nsru.pipeline import target_data
+    from nsru.targets import NothingToForget
+
+    folder = out / R.GENERATED
+    run_dir.log(f"asking the model about {_quoted(names)}"
+                + (" and neighbours of the same kind" if retain is None else "") + " for the forget rows")
+    try:
+        data = target_data(lm, tok, names, None, forget_rows=forget or [], own_retain=retain is not None,
+                            seed=cfg.seed, progress=cfg.progress and owner)
+    except NothingToForget as e:
+        _on_owner(lambda: e.data.write(folder))
+        raise UsageError(f"{e}; what was generated is in {folder}") from None
+    _on_owner(lambda: data.write(folder))
+    run_dir.log(f"generated {len(data.forget)} forget and {len(data.retain)} retain rows in "
+                f"{data.report.get('seconds', 0):.1f}s into {folder} (forget.jsonl, retain.jsonl: read or edit them; "
+                "a rerun or --resume reuses them)")
+    return data
 
 
 def _start_distributed() -> bool:
