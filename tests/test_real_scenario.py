@@ -208,3 +208,34 @@ def test_comparison_writes_results_table_and_plot(tmp_path):
     assert merged["models"] == saved["models"] and merged["scenario"] == saved["scenario"]
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         real.run_real(tmp_path, names=["nope"], facts=facts, load=lambda: trained_world_model()[:2])
+
+
+def test_the_targets_variant_is_given_the_names_alone(tmp_path, monkeypatch):
+    """nsru[targets]: unlearn sees no forget or retain rows, only the forget names, and every other
+    person of the fact set is kept out of the rows the model writes; the generation is reported."""
+    import nsru.pipeline
+    from nsru.targets import TargetData
+
+    facts = _facts()
+    seen = {}
+
+    class Result:
+        generated = TargetData(forget=[{"question": "q", "answer": "a", "subject": "x"}], retain=[],
+                               report={"seconds": 12.5})
+
+        def summary(self):
+            return {"mean_k": 3.0}
+
+    def fake_unlearn(model, tok, forget=None, retain=None, **options):
+        seen.update(forget=forget, retain=retain, **options)
+        return Result()
+
+    monkeypatch.setattr(nsru.pipeline, "unlearn", fake_unlearn)
+    real.run_real(tmp_path, seeds=1, names=["nsru[targets]"], facts=facts, load=lambda: trained_world_model()[:2],
+                  audit=False, log=lambda *a: None)
+    forget_names = [e["name"] for e in facts["entities"] if e["group"] == "forget"]
+    others = {e["name"] for e in facts["entities"]} - set(forget_names)
+    assert seen["forget"] is None and seen["retain"] is None and seen["targets"] == forget_names
+    assert set(seen["target_options"]["avoid"]) == others and seen["method"] == "nsru"
+    run = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()][-1]
+    assert run["name"] == "nsru[targets]" and run["generation_seconds"] == 12.5 and run["generated_forget_rows"] == 1

@@ -14,6 +14,10 @@ questions with a one-sentence answer, a paraphrase and four choices:
 * **text**: general paragraphs for perplexity (scored only), and other paragraphs that a
   statistics source may use (``stats_text``).
 
+The variant ``nsru[targets]`` is given the forget names only (``nsru.unlearn(targets=...)``): the
+model writes its own forget rows and its retain rows about people of the same kind, none of them a
+person of the fact set, and is scored on the same probes, which it never saw.
+
 Every item is scored as 4-way multiple choice by answer likelihood
 (:func:`nsru.metrics.cloze_accuracy`), and only items the model gets right before unlearning are
 kept, so every accuracy starts at 1 and chance is 0.25. Reported per run: ``forget_acc`` (question
@@ -100,6 +104,8 @@ class Scenario:
     counts: dict = field(default_factory=dict)
     forget_facts: list[dict] = field(default_factory=list)
     neighbour_same_kind_mc: list[dict] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # the forget names, for the variant that is given only them
+    others: list[str] = field(default_factory=list)  # every other person of the fact set (kept out of its rows)
 
 
 def build_scenario(model, tokenizer, facts: dict, held_out: int | None = HELD_OUT, progress: bool = False) -> Scenario:
@@ -148,6 +154,8 @@ def build_scenario(model, tokenizer, facts: dict, held_out: int | None = HELD_OU
                 **{f"{k}_known": len(v) for k, v in known.items()}, "forget_rows": len(forget)},
         forget_facts=[{**f, "subject": n} for n, f in by_group["forget"]],
         neighbour_same_kind_mc=known.get("neighbour_same_kind", []),
+        targets=list(dict.fromkeys(n for n, _ in by_group["forget"])),
+        others=[e["name"] for e in facts["entities"] if e["group"] != "forget"],
     )
 
 
@@ -171,13 +179,15 @@ def audit_options(layers=LAYERS, **options) -> dict:
     return {"relearn_layers": layers, "seed": AUDIT_SEED, **options}
 
 
-DISPLAY_ORDER = ("nsru[retain+self]", "nsru[retain]", "nsru[self]", "nsru[retain+corpus]", "lora (nsru-no-project)",
+DISPLAY_ORDER = ("nsru[retain+self]", "nsru[targets]", "nsru[retain]", "nsru[self]", "nsru[retain+corpus]", "lora (nsru-no-project)",
                  "graddiff", "npo", "simnpo", "idkdpo", "rmu")
 
 
 def variants(stats_corpus: Path) -> dict[str, dict]:
     """Every method of the comparison as ``nsru.unlearn`` options: NSRU with each statistics source,
-    plain LoRA with NSRU's losses, and the baselines."""
+    plain LoRA with NSRU's losses, the baselines, and NSRU given only the forget names
+    (``nsru[targets]``: the model writes its forget and retain rows; no fact of the set is shown to
+    it, and no other person of the set is chosen as a neighbour)."""
     return {
         "nsru[retain+self]": {"method": "nsru", "stats": ["retain", "self"]},
         "lora (nsru-no-project)": {"method": "nsru-no-project"},
@@ -189,6 +199,7 @@ def variants(stats_corpus: Path) -> dict[str, dict]:
         "rmu": {"method": "rmu", "layers": None},  # its own three MLPs at 7/32 of the depth
         "nsru[self]": {"method": "nsru", "stats": "self"},
         "nsru[retain+corpus]": {"method": "nsru", "stats": ["retain", str(stats_corpus)]},
+        "nsru[targets]": {"method": "nsru", "targets": True},
     }
 
 
@@ -240,12 +251,20 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
         for seed in seed_list:
             model, tok = load()
             t = time.perf_counter()
-            result = unlearn(model, tok, sc.forget, sc.retain, seed=seed, **{**budget, **table_of[name]})
+            opts, forget, retain = {**budget, **table_of[name]}, sc.forget, sc.retain
+            if opts.pop("targets", False):  # the names alone
+                forget, retain = None, None
+                opts.update(targets=sc.targets, target_options={"avoid": sc.others})
+            result = unlearn(model, tok, forget, retain, seed=seed, **opts)
             seconds = time.perf_counter() - t
             rep = evaluate(model, tok, sc, before_ppl=before["ppl"],
                            audit={**audit_opts, "before": before["audit"]} if audit else None)
             rep["seconds"] = seconds
             rep["mean_k"] = result.summary()["mean_k"]
+            if result.generated is not None:
+                rep["generation_seconds"] = result.generated.report.get("seconds")
+                rep["generated_forget_rows"] = len(result.generated.forget)
+                rep["generated_retain_rows"] = len(result.generated.retain)
             per_seed.setdefault(name, []).append(rep)
             with runs.open("a") as f:
                 f.write(json.dumps({"name": name, "seed": seed, **rep}) + "\n")
