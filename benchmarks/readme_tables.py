@@ -41,6 +41,14 @@ def real_table() -> str:
     return table(_json(RESULTS / "real_smollm2" / "results.json")["models"])
 
 
+def real_audit_table() -> str:
+    """The audited comparison (and NSRU given the forget names only): the worst probe beside the
+    forward one, neighbours of the same kind, and the false refusals."""
+    from nsru.bench.real import table
+
+    return table(_json(RESULTS / "real_smollm2_audit" / "results.json")["models"])
+
+
 def cpu_table() -> str:
     """One row per implementation that is not its group's baseline: the paired time ratio, the
     peak-memory ratio where the suite measured one, and the target."""
@@ -86,6 +94,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "demo": demo_table,
     "real": real_table,
     "real-seconds": real_seconds_table,
+    "real-audit": real_audit_table,
     "cpu": cpu_table,
     "cpu-machine": cpu_machine,
     "memory": memory_table,

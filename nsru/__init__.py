@@ -43,6 +43,9 @@ _EXPORTS = {
     "retain_bases": "nsru.subspace",
     "retain_subspaces": "nsru.subspace",
     "set_retain_bases": "nsru.subspace",
+    "NothingToForget": "nsru.targets",
+    "TargetData": "nsru.targets",
+    "target_rows": "nsru.targets",
     "Trainer": "nsru.train",
 }
 
@@ -60,6 +63,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from nsru.safe_targets import SafeTargets, is_safe_response
     from nsru.subspace import (SecondMoments, collect_second_moments, leakage, retain_bases, retain_subspaces,
                                set_retain_bases)
+    from nsru.targets import NothingToForget, TargetData, target_rows
     from nsru.train import Trainer
 
 

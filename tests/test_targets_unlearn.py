@@ -99,6 +99,7 @@ def test_statistics_self_samples_never_name_a_target(monkeypatch):
 
 
 def test_bad_requests_are_named():
+    assert nsru.NothingToForget is NothingToForget and nsru.TargetData is TargetData  # the public names
     model, tok, forget, _ = trained_world_model()
     with pytest.raises(ValueError, match=r"forget=.*targets="):
         nsru.unlearn(model, tok, steps=1, **FAST)
