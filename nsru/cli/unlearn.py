@@ -283,7 +283,8 @@ def _generate(lm, tok, names: list[str], forget, retain, cfg, out: Path, run_dir
         data = target_data(lm, tok, names, None, forget_rows=forget or [], own_retain=retain is not None,
                             seed=cfg.seed, progress=cfg.progress and owner)
     except NothingToForget as e:
-        _on_owner(lambda: e.data.write(folder))
+        partial = e.data
+        _on_owner(lambda: partial.write(folder))
         raise UsageError(f"{e}; what was generated is in {folder}") from None
     _on_owner(lambda: data.write(folder))
     run_dir.log(f"generated {len(data.forget)} forget and {len(data.retain)} retain rows in "
