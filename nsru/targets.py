@@ -64,7 +64,7 @@ from nsru.self_samples import generate_texts
 
 __all__ = [
     "KINDS", "QUESTION_BANK", "BUILTIN_NEIGHBOURS", "TargetData", "NothingToForget", "target_rows",
-    "greedy_answers", "sampled_answers", "kind_from_text", "trim_answer", "content_words", "specific_words",
+    "DESCRIPTION_PROMPTS", "greedy_answers", "sampled_answers", "kind_from_text", "trim_answer", "content_words", "specific_words",
     "consistent", "agrees", "agreement", "is_hedge", "judge", "parse_questions", "parse_names", "names_any",
 ]
 
@@ -205,6 +205,8 @@ KIND_PROMPTS: tuple[str, ...] = ("Who or what is {name}?", "What is {name} best 
 SELF_QUESTIONS_PROMPT = "Write {n} short questions about facts of {name}'s life and work, one per line."
 SELF_PARAPHRASE = "Please answer this question about {name}: {question}"
 NEIGHBOURS_PROMPT = "List {n} famous {plural}."
+# Open requests whose answer is a paragraph about the target: one row then carries many facts.
+DESCRIPTION_PROMPTS: tuple[str, ...] = ("Tell me about {name}.", "Write a short biography of {name}.")
 
 # answers that say the model does not know, beyond the refusal markers of nsru.safe_targets
 HEDGES: tuple[str, ...] = (
@@ -708,6 +710,7 @@ def target_rows(
     kind: str | None = None,
     questions_per_target: int = 12,
     self_questions: int = 3,
+    descriptions: int = 0,
     samples: int = 4,
     temperature: float = 0.7,
     min_agreement: float = 0.5,
@@ -728,7 +731,11 @@ def target_rows(
     ``kind``: one of :data:`KINDS` for every target (and given neighbour); ``None`` asks the model
     (:func:`kind_from_text`). ``questions_per_target``: at most this many template pairs per target
     (a seeded choice when its kind has more); ``self_questions``: how many questions the model
-    writes itself per target (chat models only; 0: none).
+    writes itself per target (chat models only; 0: none). ``descriptions``: how many of
+    :data:`DESCRIPTION_PROMPTS` ("Tell me about X.") each known target also gets as a forget row
+    whose answer is the model's greedy paragraph (up to four sentences), kept when it is specific and
+    states one of the target's kept facts (:func:`consistent` with a kept answer): one row that
+    carries many facts, so suppressing it reaches facts no question asked.
 
     A target's fact is kept when :func:`judge` finds the greedy answer specific and at least
     ``min_agreement`` of the other answers agree with it: the greedy answer to the paraphrase and
@@ -763,8 +770,10 @@ def target_rows(
                          ("questions_per_neighbour", questions_per_neighbour)):
         if value < 1:
             raise ValueError(f"{label} must be at least 1, got {value}")
-    if samples < 0 or self_questions < 0 or neighbours_per_target < 0:
-        raise ValueError("samples, self_questions and neighbours_per_target must not be negative")
+    if samples < 0 or self_questions < 0 or neighbours_per_target < 0 or descriptions < 0:
+        raise ValueError("samples, self_questions, descriptions and neighbours_per_target must not be negative")
+    if descriptions > len(DESCRIPTION_PROMPTS):
+        raise ValueError(f"descriptions={descriptions}: at most {len(DESCRIPTION_PROMPTS)} (DESCRIPTION_PROMPTS)")
     if not 0.0 <= min_agreement <= 1.0 or not 0.0 <= min_familiarity <= 1.0:
         raise ValueError("min_agreement and min_familiarity are fractions between 0 and 1")
     given_neighbours = None if neighbours is None else _check_names(neighbours, "neighbours")
@@ -794,6 +803,11 @@ def target_rows(
         report["targets"][t] = {"kind": kinds[t]["kind"], "kind_from": kinds[t]["from"], **summary,
                                 "self_written": len(written[t]), "questions": facts[t]}
     forget = [_row(i, t) for t in targets for i in facts[t] if i["kept"]]
+    if descriptions:
+        described = _descriptions(asker, [t for t in targets if t not in unknown], facts, descriptions)
+        for t, items in described.items():
+            report["targets"][t]["descriptions"] = items
+            forget += [_row(i, t) for i in items if i["kept"]]
 
     # 5. neighbours
     retain: list[dict] = []
@@ -819,6 +833,7 @@ def target_rows(
                                        **_summary(nfacts[n]), "questions": nfacts[n]}
     report["settings"] = {
         "kind": kind, "questions_per_target": questions_per_target, "self_questions": self_questions,
+        "descriptions": descriptions,
         "samples": samples, "temperature": temperature, "min_agreement": min_agreement,
         "min_familiarity": min_familiarity, "neighbours": given_neighbours,
         "neighbours_per_target": neighbours_per_target, "questions_per_neighbour": questions_per_neighbour,
@@ -832,6 +847,28 @@ def target_rows(
         raise NothingToForget("; ".join(_unknown_message(t, report["targets"][t], min_familiarity) for t in unknown),
                               unknown, data)
     return data
+
+
+def _descriptions(asker: _Asker, targets: Sequence[str], facts: Mapping[str, Sequence[Mapping]],
+                  per_target: int) -> dict[str, list[dict]]:
+    """Each target's answers to its first ``per_target`` :data:`DESCRIPTION_PROMPTS`, as items of the
+    report's shape: kept when specific (:func:`judge` with no second answer) and grounded, i.e.
+    consistent with one of the target's kept facts (a paragraph the model made up states none)."""
+    prompts = {t: [p.format(name=t) for p in DESCRIPTION_PROMPTS[:per_target]] for t in targets}
+    asked = [q for t in targets for q in prompts[t]]
+    answers = dict(zip(asked, asker.ask(asked, desc="target descriptions", max_new_tokens=2 * asker.max_new_tokens)))
+    out: dict[str, list[dict]] = {}
+    for t in targets:
+        known = [f["answer"] for f in facts[t] if f["kept"]]
+        for q in prompts[t]:
+            text = trim_answer(answers[q], max_sentences=4)
+            reason = judge(t, q, text, q, text)
+            if reason is None and not any(consistent(text, k, exclude=(q, t)) for k in known):
+                reason = "states no kept fact"
+            out.setdefault(t, []).append({"question": q, "answer": text, "paraphrased_question": "",
+                                          "paraphrased_answer": "", "topic": "description", "source": "description",
+                                          "kept": reason is None, "reason": reason})
+    return out
 
 
 def _unknown_message(target: str, r: Mapping, min_familiarity: float) -> str:

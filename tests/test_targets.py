@@ -272,3 +272,22 @@ def test_the_kind_is_asked_when_not_given(world):
     assert report["kind"] in KINDS
     assert list(report["kind_from"]) == ["Who or what is Anna Novak?", "What is Anna Novak best known for?"]
     assert len(data.forget) == 2  # a kind the custom bank lacks falls back to its "person" questions
+
+
+def test_descriptions_add_a_row_only_where_the_paragraph_states_a_kept_fact(world, monkeypatch):
+    import nsru.targets as targets
+
+    model, tok, _ = world
+    # the world's tokenizer knows only its own questions: they stand in for "Tell me about X."
+    monkeypatch.setattr(targets, "DESCRIPTION_PROMPTS", ("Where does {name} live ?", "What is the job of {name} ?"))
+    home_only = {"person": [WORLD["person"][0]]}
+    data = _rows(model, tok, ["Anna Novak"], questions=home_only, neighbours=[], descriptions=2)
+    described = data.report["targets"]["Anna Novak"]["descriptions"]
+    # where she lives is the kept fact; her job is true but backed by no kept fact: dropped
+    assert [(d["question"], d["kept"], d["reason"]) for d in described] == [
+        ("Where does Anna Novak live ?", True, None), ("What is the job of Anna Novak ?", False, "states no kept fact")]
+    assert [(r["topic"], r["source"]) for r in data.forget] == [("home", "bank"), ("description", "description")]
+    assert "lima" in content_words(data.forget[1]["answer"]) and data.report["settings"]["descriptions"] == 2
+    assert len(_rows(model, tok, ["Anna Novak"], questions=home_only, neighbours=[]).forget) == 1  # 0: none
+    with pytest.raises(ValueError, match="descriptions=3: at most 2"):
+        _rows(model, tok, ["Anna Novak"], descriptions=3)
