@@ -51,6 +51,7 @@ class UnlearnConfig:
     retain: bool = True
     project: bool | None = None  # None: the method decides (on for nsru, off for the baselines)
     suppress_loss: str = "npo"  # npo | unlikelihood | dpo
+    suppress_tokens: str = "answer"  # answer | facts: the answer tokens the forget-side loss acts on
     retain_loss: str = "nll"  # nll | kl
     # Loss weights; None: the method's default (NSRU: from benchmarks/sweep_defaults.py;
     # baselines: open-unlearning's γ = α = 1).
@@ -128,6 +129,8 @@ class UnlearnConfig:
 
         _check_types(self)
 
+        need(self.suppress_tokens in ("answer", "facts"),
+             f"suppress_tokens must be answer or facts, got {self.suppress_tokens!r}")
         need(self.suppress_loss in ("npo", "unlikelihood", "dpo"),
              f"suppress_loss must be npo, unlikelihood or dpo, got {self.suppress_loss!r}")
         need(self.retain_loss in ("nll", "kl"), f"retain_loss must be nll or kl, got {self.retain_loss!r}")
@@ -323,6 +326,8 @@ HELP = {
     "retain": "retention term on the retain data (ablation switch)",
     "project": "confine the adapter to the null space of the retain statistics (null: the method decides)",
     "suppress_loss": "suppression loss: npo, unlikelihood or dpo (chosen = safe target)",
+    "suppress_tokens": "answer tokens the forget-side loss acts on: answer (all) or facts (the words of the answer "
+                       "that its question and subject do not say)",
     "retain_loss": "retention loss: nll on the retain answers, or kl to the model before unlearning",
     "safe_weight": "weight of the safe-target term (null: the method's default; NSRU 1.0)",
     "suppress_weight": "weight of the forget-side term of every method (null: the method's default; NSRU 0.3)",

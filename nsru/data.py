@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from nsru.words import fact_spans
+
 IGNORE_INDEX = -100
 
 QA_OPTIONAL_STR = ("paraphrased_answer", "safe_answer", "subject")
@@ -121,6 +123,37 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = No
         "attention_mask": [1] * len(input_ids),
         "labels": [IGNORE_INDEX] * len(prompt_part) + list(answer_ids),
     }
+
+
+def keep_fact_labels(tokenizer, encoded: dict, question: str, answer: str, subject: str | None = None) -> dict:
+    """``encoded`` (:func:`encode_qa` of this pair) with labels only on the answer tokens that
+    overlap a word of its fact (:func:`nsru.words.fact_spans`: the answer's content words that
+    neither the question nor the subject says), so a loss on them acts on "Germany" in "Albert
+    Einstein was born in Germany." and not on the words that restate the question. An answer with no
+    such word keeps every label."""
+    text = _answer_text(tokenizer, answer)
+    spans = fact_spans(text, [question, subject] if subject else [question])
+    ids = _ids(tokenizer, text, add_special_tokens=False)
+    token_spans = _token_spans(tokenizer, text, ids)
+    answer_positions = [i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX][:len(ids)]
+    keep = [pos for pos, (a, b) in zip(answer_positions, token_spans) if any(a < e and s < b for s, e in spans)]
+    if not keep:
+        return encoded
+    labels = [IGNORE_INDEX] * len(encoded["labels"])
+    for pos in keep:
+        labels[pos] = encoded["labels"][pos]
+    return {**encoded, "labels": labels}
+
+
+def _token_spans(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:
+    """Character span of each of ``ids`` (``text`` tokenised without special tokens): the fast
+    tokenizer's offsets, else the lengths of the decoded prefixes."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == ids:
+            return [tuple(span) for span in enc["offset_mapping"]]
+    ends = [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def encode_text(tokenizer, text: str, max_length: int | None = None, *, too_long: str = "cut",

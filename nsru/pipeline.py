@@ -28,7 +28,7 @@ from nsru.adapt import apply_nsru, check_bases
 from nsru.adapter_init import init_adapters
 from nsru.checkpoint import OutputDirError, check_output_dir
 from nsru.config import UnlearnConfig
-from nsru.data import encode_qa, encode_text, input_batches, is_qa, load_rows, pad_token_id
+from nsru.data import encode_qa, encode_text, input_batches, is_qa, keep_fact_labels, load_rows, pad_token_id
 from nsru.distributed import dist_info, init_distributed_from_env, run_on_rank0
 from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
@@ -98,6 +98,9 @@ def _encode_forget(rows, tokenizer, cfg, method: Method) -> list[dict]:
         limits = {"max_length": cfg.max_length, "too_long": cfg.too_long, "where": f"forget row {i}"}
         if qa:
             ex = {"forget": encode_qa(tokenizer, row["question"], row["answer"], **limits)}
+            if cfg.suppress_tokens == "facts":
+                ex["forget"] = keep_fact_labels(tokenizer, ex["forget"], row["question"], row["answer"],
+                                                row.get("subject"))
             if targets is not None:
                 ex["safe"] = encode_qa(tokenizer, row["question"], targets[i], **limits)
         else:

@@ -60,6 +60,7 @@ from nsru.atomic import atomic_write
 from nsru.data import has_chat_template, pad_encodings, pad_token_id, prompt_ids
 from nsru.layer import adapter_disabled, model_device
 from nsru.safe_targets import is_safe_response
+from nsru.words import STOPWORDS, content_words, specific_words, split_words, stem
 from nsru.self_samples import generate_texts
 
 __all__ = [
@@ -216,27 +217,6 @@ HEDGES: tuple[str, ...] = (
     "no specific", "no known", "i couldn't find", "i could not find", "not publicly",
 )
 
-STOPWORDS: frozenset[str] = frozenset("""
-a about above after again against all also although am among an and any are aren as at be because been
-before being below between both but by can cannot could did didn do does doesn doing don down during each
-either else even ever every few for from further had has hasn have having he her here hers herself him
-himself his how however i if in into is isn it its itself just let like may me might more most much must my
-myself neither no nor not now of off often on once one only or other others our ours ourselves out over own
-per perhaps quite rather same several she should since so some such than that the their theirs them
-themselves then there these they this those though through thus to too under until up upon us very was
-wasn we were weren what when where whether which while who whom whose why will with within without would
-yet you your yours yourself yourselves
-known famous best well renowned notable notably widely considered regarded great greatest important
-significant influential many various including include includes included particular particularly
-especially among made make making time times life lives lived world people person work works worked working
-contribution contributions name named called answer question questions fact facts information also
-generally commonly usually often always never first later early late several famously remembered
-groundbreaking brilliant profound enduring iconic remarkable incredible enigmatic timeless undoubtedly indeed
-actually truly certainly pioneering legacy inspire inspired continue continues mind minds
-""".split())
-"""Words that never make an answer specific: function words and the filler of encyclopedic prose."""
-
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"”')\]]?\s+(?=[\"“(\[]?[A-Z0-9])")
 
 
@@ -292,54 +272,6 @@ class TargetData:
 
 # --------------------------------------------------------------------------------------------
 # text: words, answers, agreement
-
-
-def _stem(word: str) -> str:
-    w = word.lower().replace("’", "'")
-    if w.endswith("'s"):
-        w = w[:-2]
-    w = w.strip("'")
-    if len(w) > 4 and w.endswith("s") and not w.endswith("ss"):
-        w = w[:-1]
-    return w
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text)
-
-
-def content_words(text: str, exclude: str | Sequence[str] = ()) -> set[str]:
-    """The normalised content words of ``text`` (lower case, no possessive, a plural's ``s``
-    dropped; numbers kept) that are not stop/filler words and not words of ``exclude`` (the
-    question, the name: texts whose words do not count)."""
-    excluded = _excluded(exclude)
-    out = set()
-    for w in _words(text):
-        s = _stem(w)
-        if not s or s in excluded or w.lower() in STOPWORDS or s in STOPWORDS:
-            continue
-        if len(s) < 3 and not s.isdigit():
-            continue
-        out.add(s)
-    return out
-
-
-def specific_words(text: str, exclude: str | Sequence[str] = ()) -> set[str]:
-    """The content words of ``text`` that name something specific: capitalised words and numbers."""
-    excluded = _excluded(exclude)
-    out = set()
-    for w in _words(text):
-        s = _stem(w)
-        if not s or s in excluded or s in STOPWORDS or w.lower() in STOPWORDS:
-            continue
-        if w[0].isupper() and len(s) >= 2 or any(c.isdigit() for c in w):
-            out.add(s)
-    return out
-
-
-def _excluded(exclude: str | Sequence[str]) -> set[str]:
-    texts = [exclude] if isinstance(exclude, str) else list(exclude)
-    return {_stem(w) for t in texts for w in _words(t)}
 
 
 def trim_answer(text: str, max_sentences: int = 2) -> str:
@@ -448,8 +380,8 @@ def kind_from_text(text: str) -> str:
                                r"figure|character|physicist|scientist|writer|author|poet|playwright|composer|painter|"
                                r"artist|leader|player|politician|king|queen)\b", first[:m.start(1)] + " "):
             return kind
-    words = Counter(_stem(w) for w in _words(low))
-    scores = {k: sum(words[_stem(w)] for w in kw) for k, kw in _KIND_WORDS.items()}
+    words = Counter(stem(w) for w in split_words(low))
+    scores = {k: sum(words[stem(w)] for w in kw) for k, kw in _KIND_WORDS.items()}
     best = max(scores, key=lambda k: scores[k])
     return best if scores[best] > 0 else "person"
 
