@@ -24,9 +24,13 @@ def test_pareto_keeps_only_the_runs_no_other_run_beats_on_both_axes():
     }
     got = {(p["method"], p["lr"]) for p in frontier.pareto(curves)}
     assert got == {("a", 1e-3), ("a", 1e-2), ("b", 1e-2)}
-    # the audited figure, where measured, is what a point is judged by
-    curves["b"][1]["audited_forget_acc"] = 0.9
-    assert ("b", 1e-2) not in {(p["method"], p["lr"]) for p in frontier.pareto(curves)}
+    # judged by the audited figure, b's strong point forgets least; the runs without one are left out
+    curves["b"][1]["audited_forget_acc"] = 0.1
+    curves["a"][1]["audited_forget_acc"] = 0.5
+    got = {(p["method"], p["lr"]) for p in frontier.pareto(curves, forget="audited_forget_acc")}
+    assert got == {("a", 1e-2), ("b", 1e-2)}
+    curves["b"][1]["audited_forget_acc"] = 0.6  # now a's forgets more and keeps more
+    assert {(p["method"], p["lr"]) for p in frontier.pareto(curves, forget="audited_forget_acc")} == {("a", 1e-2)}
 
 
 def test_budgets_parse_and_bad_ones_say_what_was_expected():

@@ -87,21 +87,17 @@ def collect(out) -> dict[str, list[dict]]:
     return curves
 
 
-def _forgot(point: dict) -> float:
-    """The forget figure a point is judged by: audited where measured, else the forward probe."""
-    return point["audited_forget_acc"] if point.get("audited_forget_acc") is not None else point["forget_acc"]
-
-
-def pareto(curves: dict[str, list[dict]], kept: str = KEPT[0]) -> list[dict]:
-    """The runs (method, steps, lr) that no other run beats: none forgets at least as much *and*
-    keeps at least as much of ``kept``, and one of the two strictly more (the unlearned ones only:
-    the model before is not a candidate)."""
-    points = [(name, p) for name, ps in curves.items() if name != "before" for p in ps if p.get(kept) is not None]
+def pareto(curves: dict[str, list[dict]], kept: str = KEPT[0], forget: str = "forget_acc") -> list[dict]:
+    """The runs (method, steps, lr) that no other run beats: none forgets at least as much by
+    ``forget`` *and* keeps at least as much of ``kept``, and one of the two strictly more (the
+    unlearned runs that have both figures; the model before is not a candidate)."""
+    points = [(name, p) for name, ps in curves.items() if name != "before" for p in ps
+              if p.get(kept) is not None and p.get(forget) is not None]
 
     def beats(a: dict, b: dict) -> bool:
-        return (_forgot(a) <= _forgot(b) and a[kept] >= b[kept]) and (_forgot(a) < _forgot(b) or a[kept] > b[kept])
+        return (a[forget] <= b[forget] and a[kept] >= b[kept]) and (a[forget] < b[forget] or a[kept] > b[kept])
 
-    return [{"method": name, "steps": p["steps"], "lr": p["lr"], "forget": _forgot(p), kept: p[kept]}
+    return [{"method": name, "steps": p["steps"], "lr": p["lr"], forget: p[forget], kept: p[kept]}
             for name, p in points if not any(beats(q, p) for _, q in points if q is not p)]
 
 
@@ -112,9 +108,11 @@ def frontier_report(out, log=print) -> dict:
     curves = collect(out)
     if not any(name != "before" for name in curves):
         raise ValueError(f"{out}: no finished run under {out}/*/runs.jsonl")
+    # the audited figure where every run has one, else the forward probe: one measure for every point
     audited = all(p.get("audited_forget_acc") is not None for name, ps in curves.items() for p in ps)
-    result = {"curves": curves, "forget_measure": "audited_forget_acc" if audited else "forget_acc",
-              "pareto": {kept: pareto(curves, kept) for kept in KEPT}}
+    measure = "audited_forget_acc" if audited else "forget_acc"
+    result = {"curves": curves, "forget_measure": measure,
+              "pareto": {kept: pareto(curves, kept, measure) for kept in KEPT}}
     (out / "frontier.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "frontier.md").write_text(table(curves) + "\n")
     plot(curves, out / "frontier.png", result["forget_measure"])
