@@ -49,6 +49,13 @@ def real_audit_table() -> str:
     return table(_json(RESULTS / "real_smollm2_audit" / "results.json")["models"])
 
 
+def frontier_table() -> str:
+    """Every method at each budget of the frontier (forget against what was kept)."""
+    from nsru.bench.frontier import table
+
+    return table(_json(RESULTS / "real_smollm2_frontier" / "frontier.json")["curves"])
+
+
 def cpu_table() -> str:
     """One row per implementation that is not its group's baseline: the paired time ratio, the
     peak-memory ratio where the suite measured one, and the target."""
@@ -95,6 +102,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "real": real_table,
     "real-seconds": real_seconds_table,
     "real-audit": real_audit_table,
+    "frontier": frontier_table,
     "cpu": cpu_table,
     "cpu-machine": cpu_machine,
     "memory": memory_table,
