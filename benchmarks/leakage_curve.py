@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -43,15 +44,8 @@ def measure(counts=COUNTS, layers: str = "20-29", seed: int = 0, load=None, fact
     apply_nsru(model, layers=layers)
     held_out = {"neighbour": [_qa_of(r) for r in sc.neighbour_mc], "general": [_qa_of(r) for r in sc.general_mc]}
     # a fresh sample cache: each count's samples are written (and timed), none read from an earlier run
-    with tempfile.TemporaryDirectory() as cache:
-        before, os.environ["NSRU_CACHE"] = os.environ.get("NSRU_CACHE"), cache
-        try:
-            points = [_point(model, tok, sc, n, layers, seed, held_out, log) for n in counts]
-        finally:
-            if before is None:
-                del os.environ["NSRU_CACHE"]
-            else:
-                os.environ["NSRU_CACHE"] = before
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"NSRU_CACHE": cache}):
+        points = [_point(model, tok, sc, n, layers, seed, held_out, log) for n in counts]
     return {"model": model_name, "layers": layers, "seed": seed, "threads": torch.get_num_threads(),
             "load_average": round(os.getloadavg()[0], 2), "points": points}
 

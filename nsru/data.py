@@ -133,9 +133,10 @@ def keep_fact_labels(tokenizer, encoded: dict, question: str, answer: str, subje
     such word keeps every label."""
     text = _answer_text(tokenizer, answer)
     spans = fact_spans(text, [question, subject] if subject else [question])
-    ids = _ids(tokenizer, text, add_special_tokens=False)
-    token_spans = _token_spans(tokenizer, text, ids)
-    answer_positions = [i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX][:len(ids)]
+    if not spans:
+        return encoded
+    token_spans = _token_spans(tokenizer, text)
+    answer_positions = [i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX][:len(token_spans)]
     keep = [pos for pos, (a, b) in zip(answer_positions, token_spans) if any(a < e and s < b for s, e in spans)]
     if not keep:
         return encoded
@@ -145,13 +146,13 @@ def keep_fact_labels(tokenizer, encoded: dict, question: str, answer: str, subje
     return {**encoded, "labels": labels}
 
 
-def _token_spans(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:
-    """Character span of each of ``ids`` (``text`` tokenised without special tokens): the fast
-    tokenizer's offsets, else the lengths of the decoded prefixes."""
+def _token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character span of each token of ``text`` tokenised as :func:`encode_qa` tokenises an answer
+    (no special tokens): the fast tokenizer's offsets, else the lengths of the decoded prefixes."""
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if list(enc["input_ids"]) == ids:
-            return [tuple(span) for span in enc["offset_mapping"]]
+        return [tuple(span) for span in enc["offset_mapping"]]
+    ids = _ids(tokenizer, text, add_special_tokens=False)
     ends = [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
     return list(zip([0, *ends[:-1]], ends))
 

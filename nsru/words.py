@@ -54,15 +54,16 @@ def content_words(text: str, exclude: str | Sequence[str] = ()) -> set[str]:
     dropped; numbers kept) that are not stop/filler words and not words of ``exclude`` (the
     question, the name: texts whose words do not count)."""
     excluded = stems_of(exclude)
-    out = set()
-    for w in split_words(text):
-        s = stem(w)
-        if not s or s in excluded or w.lower() in STOPWORDS or s in STOPWORDS:
-            continue
-        if len(s) < 3 and not s.isdigit():
-            continue
-        out.add(s)
-    return out
+    return {stem(w) for w in split_words(text) if _is_content(w, excluded)}
+
+
+def _is_content(word: str, excluded: set[str]) -> bool:
+    """Whether ``word`` counts as content: its stem not in ``excluded``, no stop/filler word, and
+    at least three letters unless a number."""
+    s = stem(word)
+    if not s or s in excluded or word.lower() in STOPWORDS or s in STOPWORDS:
+        return False
+    return len(s) >= 3 or s.isdigit()
 
 
 def specific_words(text: str, exclude: str | Sequence[str] = ()) -> set[str]:
@@ -83,19 +84,10 @@ def stems_of(exclude: str | Sequence[str]) -> set[str]:
     return {stem(w) for t in texts for w in split_words(t)}
 
 
-
-
 def fact_spans(answer: str, exclude: str | Sequence[str] = ()) -> list[tuple[int, int]]:
     """Character spans of the words of ``answer`` that carry its fact: content words
     (:func:`content_words`' rule) whose stem is in none of ``exclude`` (the question, the subject).
     "Albert Einstein was born in Germany." asked "In which country was Albert Einstein born?" ->
     the span of "Germany"."""
     excluded = stems_of(exclude)
-    spans = []
-    for match in _WORD.finditer(answer):
-        w = match.group(0)
-        s = stem(w)
-        if not s or s in excluded or w.lower() in STOPWORDS or s in STOPWORDS or (len(s) < 3 and not s.isdigit()):
-            continue
-        spans.append(match.span())
-    return spans
+    return [m.span() for m in _WORD.finditer(answer) if _is_content(m.group(0), excluded)]

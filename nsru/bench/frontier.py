@@ -113,10 +113,11 @@ def frontier_report(out, log=print) -> dict:
     measure = "audited_forget_acc" if audited else "forget_acc"
     result = {"curves": curves, "forget_measure": measure,
               "pareto": {kept: pareto(curves, kept, measure) for kept in KEPT}}
+    text = table(curves)
     (out / "frontier.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "frontier.md").write_text(table(curves) + "\n")
-    plot(curves, out / "frontier.png", result["forget_measure"])
-    log("\n" + table(curves))
+    (out / "frontier.md").write_text(text + "\n")
+    plot(curves, out / "frontier.png", measure)
+    log("\n" + text)
     for kept, points in result["pareto"].items():
         log(f"not beaten on forgetting and {kept}: " + ", ".join(
             f"{p['method']} ({p['steps']}x{p['lr']:g})" for p in points))
@@ -134,7 +135,7 @@ def table(curves: dict[str, list[dict]]) -> str:
 
 def plot(curves: dict[str, list[dict]], path, forget_measure: str = "forget_acc") -> Path:
     """Forget accuracy against each kept measure: a line per method through its budgets (the
-    weakest budget's marker hollow), the model before as a star."""
+    weakest budget's marker hollow), the model before as its reference marker."""
     plt = report.pyplot()
     fig, axes = plt.subplots(1, len(KEPT), figsize=(11, 4.5), sharey=True)
     for ax, kept in zip(axes, KEPT):
