@@ -239,3 +239,35 @@ def test_the_targets_variant_is_given_the_names_alone(tmp_path, monkeypatch):
     assert set(seen["target_options"]["avoid"]) == others and seen["method"] == "nsru"
     run = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()][-1]
     assert run["name"] == "nsru[targets]" and run["generation_seconds"] == 12.5 and run["generated_forget_rows"] == 1
+
+
+def test_an_earlier_evaluation_of_the_model_before_is_reused(tmp_path, monkeypatch):
+    """before=FOLDER: the model before is not evaluated again; its record is the earlier one, and a
+    folder of another scenario or audit is refused, naming what differs."""
+    import nsru.pipeline
+
+    class Result:
+        generated = None
+
+        def summary(self):
+            return {"mean_k": 1.0}
+
+    monkeypatch.setattr(nsru.pipeline, "unlearn", lambda *a, **k: Result())
+    facts, load = _facts(), lambda: trained_world_model()[:2]
+    real.run_real(tmp_path / "first", seeds=1, names=["nsru[retain]"], facts=facts, load=load, audit=False,
+                  log=lambda *a: None)
+    evaluated = []
+    evaluate = real.evaluate
+    monkeypatch.setattr(real, "evaluate", lambda *a, **k: evaluated.append(k) or evaluate(*a, **k))
+    real.run_real(tmp_path / "second", seeds=1, names=["nsru[retain]"], facts=facts, load=load, audit=False,
+                  before=tmp_path / "first", log=lambda *a: None)
+    first, second = ([json.loads(line) for line in (tmp_path / d / "runs.jsonl").read_text().splitlines()]
+                     for d in ("first", "second"))
+    assert len(evaluated) == 1 and evaluated[0]["before_ppl"] == first[0]["ppl"]  # the run only
+    assert second[0] == first[0]
+    with pytest.raises(ValueError, match="audited with None"):
+        real.run_real(tmp_path / "third", seeds=1, names=["nsru[retain]"], facts=facts, load=load,
+                      before=tmp_path / "first", log=lambda *a: None)
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        real.run_real(tmp_path / "third", seeds=1, names=["nsru[retain]"], facts=facts, load=load, audit=False,
+                      before=tmp_path / "nowhere", log=lambda *a: None)

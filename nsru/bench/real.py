@@ -205,7 +205,8 @@ def variants(stats_corpus: Path) -> dict[str, dict]:
 
 def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, steps: int | None = None,
              lr: float | None = None, batch_size: int | None = None, options: dict | None = None, cache=None,
-             facts: dict | None = None, load=None, log=print, audit: bool = True, audit_settings: dict | None = None) -> dict:
+             facts: dict | None = None, load=None, log=print, audit: bool = True, audit_settings: dict | None = None,
+             before: str | Path | None = None) -> dict:
     """Run the comparison; write ``results.json``, ``table.md`` and ``real_knowledge.png`` under ``out``.
 
     ``seeds``: how many (0, 1, ...) or which; ``names``: a subset of :func:`variants` (all by
@@ -214,7 +215,10 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
     replace the shipped fact set and SmolLM2 (tests).
     ``audit``: audit every model (:func:`nsru.audit.audit`; the before model once, every run against
     it), the slowest part of an evaluation (``False`` skips it); ``audit_settings``: options for it
-    beyond :func:`audit_options` (e.g. ``{"relearn": {}}`` for no relearning)."""
+    beyond :func:`audit_options` (e.g. ``{"relearn": {}}`` for no relearning).
+    ``before``: an earlier comparison's folder whose evaluation of the model before unlearning is
+    reused (its audit is 10-15 minutes of SmolLM2 on a CPU); its scenario and audit options must be
+    this run's."""
     from nsru.pipeline import unlearn
 
     started = time.perf_counter()
@@ -237,7 +241,11 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
     model, tok = load()
     sc = build_scenario(model, tok, facts)
     log(f"scenario: {sc.counts}")
-    before = evaluate(model, tok, sc, audit=audit_opts)
+    if before is None:
+        before = evaluate(model, tok, sc, audit=audit_opts)
+    else:
+        before = _earlier_before(Path(before), sc.counts, audit_opts)
+        log(f"before: reused from {before.pop('from')}")
     before["seconds"] = 0.0
     log(f"before: {_line(before)}")
     per_seed: dict[str, list[dict]] = {"before": [before]}
@@ -270,6 +278,27 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
                 f.write(json.dumps({"name": name, "seed": seed, **rep}) + "\n")
             log(f"seed {seed} {name:24s} {_line(rep)}")
     return write_report(out, per_seed, {**meta, "seconds": time.perf_counter() - started}, log)
+
+
+def _earlier_before(folder: Path, counts: dict, audit_opts: dict | None) -> dict:
+    """The "before" record of an earlier :func:`run_real` folder, checked against this run."""
+    meta_path, runs_path = folder / "meta.json", folder / "runs.jsonl"
+    for path in (meta_path, runs_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"before={folder}: no {path.name} there (a run_real folder has meta.json and runs.jsonl)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("scenario") != counts:
+        raise ValueError(f"before={folder}: its scenario {meta.get('scenario')} is not this run's {counts}")
+    if audit_opts is not None and meta.get("config", {}).get("audit") != audit_opts:
+        raise ValueError(f"before={folder}: audited with {meta.get('config', {}).get('audit')}, this run audits with "
+                         f"{audit_opts}")
+    for line in runs_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("name") == "before":
+            if audit_opts is not None and "audit" not in record:
+                raise ValueError(f"before={runs_path}: the model before was not audited there")
+            return {k: v for k, v in record.items() if k not in ("name", "seed")} | {"from": str(folder)}
+    raise ValueError(f"before={runs_path}: no line with name 'before'")
 
 
 def write_report(out: Path, per_seed: dict[str, list[dict]], meta: dict, log=print) -> dict:
