@@ -74,10 +74,11 @@ class UnlearnConfig:
     init: str = "random"  # random (then projected) | forget (top-r eigvecs of P⊥ C_forget P⊥)
     subspace: str = DEFAULT_RULE  # retain-subspace rule, e.g. "energy=0.9", "k=16", "tail=1e-3,min_null=8"
     # Data of the retain statistics (nsru.stats_sources): "auto" (retain data and self-samples),
-    # "retain", "self", a corpus (path or rows), or a list of them, each source weighing equally;
-    # stats_tokens bounds their tokens, shared equally between the sources.
+    # "retain", "self", "neighbours", a corpus (path or rows), or a list of them, each source
+    # weighing equally; stats_tokens bounds their tokens, shared equally between the sources.
     stats: Any = "auto"
     stats_tokens: int | None = None
+    stats_avoid: Any = ()  # names kept out of the generated sources ("self", "neighbours"), e.g. those you evaluate on
     self_samples: int = 256  # texts the model writes itself for the "self" source
     self_max_new_tokens: int = 64
     layers: Any = None  # adapt only these layers: "10-19", [10, 11, ...] or None (all)
@@ -152,11 +153,13 @@ class UnlearnConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         sources = self.stats_sources()
-        need(len(sources) > 0, "stats must name at least one source: 'retain', 'self', a corpus, or a list")
+        need(len(sources) > 0, "stats must name at least one source: 'retain', 'self', 'neighbours', a corpus, or a list")
         for source in sources:
-            if isinstance(source, (str, os.PathLike)) and str(source) not in ("auto", "retain", "self"):
-                need(Path(source).is_file(), f"stats source {str(source)!r} is neither 'auto', 'retain', 'self' "
-                                             "nor an existing JSON/JSONL file")
+            if isinstance(source, (str, os.PathLike)) and str(source) not in ("auto", "retain", "self", "neighbours"):
+                need(Path(source).is_file(), f"stats source {str(source)!r} is neither 'auto', 'retain', 'self', "
+                                             "'neighbours' nor an existing JSON/JSONL file")
+        need(isinstance(self.stats_avoid, (list, tuple)) and all(isinstance(n, str) for n in self.stats_avoid),
+             f"stats_avoid must be a list of names, got {self.stats_avoid!r}")
         need(self.stats_tokens is None or self.stats_tokens >= 1, f"stats_tokens must be >= 1, got {self.stats_tokens!r}")
         need(self.self_samples >= 1 and self.self_max_new_tokens >= 1, "self_samples and self_max_new_tokens must be >= 1")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
@@ -347,7 +350,9 @@ HELP = {
     "subspace": "retain-subspace rule: energy=0.9 (fraction of the trace), k=16, abs=X, tail=X, mean=X; "
                 "add ,min_null=N to keep N free directions per module",
     "stats": "data of the retain statistics: auto (retain and self), retain, self (text the model writes "
-             "before training), a JSON/JSONL corpus, or a list of them (each source weighs equally)",
+             "before training), neighbours (its answers about other entities of the forget subjects' kind), "
+             "a JSON/JSONL corpus, or a list of them (each source weighs equally)",
+    "stats_avoid": "names kept out of the self and neighbours statistics texts (e.g. the entities you evaluate on)",
     "stats_tokens": "at most this many tokens of statistics data, shared equally between the sources (null: all)",
     "self_samples": "texts the model writes for the 'self' statistics source",
     "self_max_new_tokens": "length of each of those texts, in tokens",

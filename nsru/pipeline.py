@@ -166,7 +166,7 @@ def fit_retain_bases(
     sources = stats_encodings(
         stats, model=model, tokenizer=tokenizer, retain_rows=retain_rows, forget_rows=forget_rows,
         max_length=cfg.max_length, tokens=cfg.stats_tokens, self_samples=cfg.self_samples,
-        self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed, progress=progress)
+        self_max_new_tokens=cfg.self_max_new_tokens, seed=cfg.seed, avoid=cfg.stats_avoid, progress=progress)
     moments, source_batches = global_source_means(model, sources, lambda enc: _stat_batches(enc, pad_id, device),
                                                   progress=progress)
     subspaces = retain_subspaces(moments, cfg.subspace_rule)

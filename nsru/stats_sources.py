@@ -12,6 +12,9 @@ broader data:
 * ``"self"``: what the target model writes itself before training — its answers to generic
   prompts (chat models) or continuations of BOS — seeded, cached, and with every sample that
   names a forget subject dropped;
+* ``"neighbours"``: the model's own answers about other entities of the same kind as the forget
+  rows' subjects (:func:`nsru.targets.neighbour_rows`): the knowledge that lies closest to what is
+  forgotten, where the generic ``"self"`` texts (which avoid named people) say little;
 * a corpus: a JSON/JSONL path, a list of rows or a ``datasets.Dataset`` of text or question-answer
   rows (disjoint from what you evaluate on);
 * a list of these, combined: each source's mean second moment counts equally, whatever its size
@@ -33,6 +36,7 @@ from torch import nn
 from nsru.data import encode_qa, encode_text, is_qa, load_rows
 from nsru.self_samples import sample_self, subjects_of
 from nsru.subspace import SecondMoments, collect_second_moments
+from nsru.targets import neighbour_rows
 
 
 def encode_rows(rows: Sequence[Mapping], tokenizer, max_length: int | None) -> list[dict]:
@@ -66,13 +70,15 @@ def stats_encodings(
     self_samples: int = 256,
     self_max_new_tokens: int = 64,
     seed: int = 0,
+    avoid: Sequence[str] = (),
     cache: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, list[dict]]:
     """The encodings of each source of the retain statistics, by source name. ``sources``: a list
-    of ``"retain"``, ``"self"`` and corpora, as :meth:`nsru.config.UnlearnConfig.stats_sources`
-    gives it (``"auto"`` resolved); see the module docstring. ``progress``: a bar while ``"self"``
-    samples are written."""
+    of ``"retain"``, ``"self"``, ``"neighbours"`` and corpora, as
+    :meth:`nsru.config.UnlearnConfig.stats_sources` gives it (``"auto"`` resolved); see the module
+    docstring. ``avoid``: names kept out of the generated sources beside the forget subjects.
+    ``progress``: bars while the model writes them."""
     if isinstance(sources, (str, Path)) or not sources:
         raise ValueError("stats: give a list of at least one source ('retain', 'self' or a corpus)")
     share = None if tokens is None else max(1, tokens // len(sources))
@@ -85,9 +91,19 @@ def stats_encodings(
         elif isinstance(source, str) and source == "self":
             name = "self"
             rows = sample_self(model, tokenizer, self_samples, max_new_tokens=self_max_new_tokens, seed=seed,
-                               exclude=subjects_of(forget_rows), cache=cache, progress=progress)
+                               exclude=[*subjects_of(forget_rows), *avoid], cache=cache, progress=progress)
             if not rows:
                 raise ValueError("stats: 'self' produced no usable samples (all named a forget subject?)")
+        elif isinstance(source, str) and source == "neighbours":
+            name = "neighbours"
+            subjects = list(dict.fromkeys(s.strip() for r in forget_rows if isinstance(s := r.get("subject"), str)
+                                          and s.strip()))
+            if not subjects:
+                raise ValueError("stats: 'neighbours' needs forget rows with a 'subject' (the name each row is about)")
+            rows = neighbour_rows(model, tokenizer, subjects, avoid=avoid, seed=seed, progress=progress).retain
+            if not rows:
+                raise ValueError(f"stats: 'neighbours' found no entity of the kind of {', '.join(subjects)} that the "
+                                 "model answers about specifically and consistently")
         else:
             name = f"corpus{i}" if not isinstance(source, (str, Path)) else str(source)
             rows = load_rows(source, f"stats source {name}")

@@ -721,7 +721,7 @@ def target_rows(
     for t in targets:
         plan[t] = plan[t] + written[t]
     facts = _facts(asker, plan, "target questions", samples, min_agreement, min_overlap)
-    report: dict = {"targets": {}, "neighbours": {}}
+    report: dict = {"targets": {}}
     unknown = []
     for t in targets:
         summary = _summary(facts[t])
@@ -742,27 +742,10 @@ def target_rows(
             forget += [_row(i, t) for i in items if i["kept"]]
 
     # 5. neighbours
-    retain: list[dict] = []
-    if given_neighbours is None:
-        chosen = _find_neighbours(asker, [t for t in targets if t not in unknown], kinds, neighbours_per_target,
-                                  avoid + targets, seed)
-    else:
-        chosen = [(n, "given", None, None) for n in given_neighbours if n not in targets and n not in avoid]
-    if chosen:
-        nkinds = ({n: {"kind": kind, "from": "given"} for n, *_ in chosen} if kind else
-                  _infer_kinds(asker, [n for n, _, k, _ in chosen if k is None]))
-        for n, _, k, _ in chosen:
-            if k is not None:
-                nkinds[n] = {"kind": k, "from": "the target's kind"}
-        nplan = {n: _pairs(n, nkinds[n]["kind"], bank, questions_per_neighbour, seed) for n, *_ in chosen}
-        nfacts = _facts(asker, nplan, "neighbour questions", 0, min_agreement, min_overlap)
-        for n, source, _, of in chosen:
-            for item in nfacts[n]:
-                if item["kept"] and _names_target(item["answer"] + " " + item["paraphrased_answer"], n, targets):
-                    item["kept"], item["reason"] = False, "names a target"
-            retain += [_row(i, n, neighbour_of=of) for i in nfacts[n] if i["kept"]]
-            report["neighbours"][n] = {"kind": nkinds[n]["kind"], "source": source, "neighbour_of": of,
-                                       **_summary(nfacts[n]), "questions": nfacts[n]}
+    retain, report["neighbours"] = _neighbour_rows(
+        asker, [t for t in targets if t not in unknown], kinds, kind=kind, given=given_neighbours,
+        per_target=neighbours_per_target, questions_per_neighbour=questions_per_neighbour, avoid=avoid, bank=bank,
+        min_agreement=min_agreement, min_overlap=min_overlap, seed=seed, exclude=targets)
     report["settings"] = {
         "kind": kind, "questions_per_target": questions_per_target, "self_questions": self_questions,
         "descriptions": descriptions,
@@ -779,6 +762,80 @@ def target_rows(
         raise NothingToForget("; ".join(_unknown_message(t, report["targets"][t], min_familiarity) for t in unknown),
                               unknown, data)
     return data
+
+
+def neighbour_rows(
+    model: nn.Module,
+    tokenizer,
+    subjects: Sequence[str],
+    *,
+    kind: str | None = None,
+    neighbours: Sequence[str] | None = None,
+    neighbours_per_target: int = 3,
+    questions_per_neighbour: int = 6,
+    avoid: Sequence[str] = (),
+    questions: Mapping[str, Sequence[tuple[str, str, str]]] | None = None,
+    min_overlap: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    progress: bool = False,
+) -> TargetData:
+    """The model's own answers about other entities of the same kind as ``subjects``: step 5 of
+    :func:`target_rows` alone, for subjects whose forget rows are given (the ``"neighbours"``
+    statistics source of :func:`nsru.unlearn`). Same keywords as there; the kinds of ``subjects``
+    are asked of the model unless ``kind`` is given. Returns :class:`TargetData` with the rows in
+    ``retain`` and no ``forget`` rows; rows that name a subject are dropped."""
+    start = time.perf_counter()
+    subjects = _check_names(subjects, "subjects")
+    bank = dict(questions) if questions is not None else QUESTION_BANK
+    _check_bank(bank)
+    if kind is not None and kind not in bank:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(bank)}")
+    if questions_per_neighbour < 1 or neighbours_per_target < 0:
+        raise ValueError(f"questions_per_neighbour must be at least 1 and neighbours_per_target not negative, got "
+                         f"{questions_per_neighbour} and {neighbours_per_target}")
+    given = None if neighbours is None else _check_names(neighbours, "neighbours")
+    asker = _Asker(model, tokenizer, batch_size, max_new_tokens, progress, 0.0, seed)
+    kinds = {t: {"kind": kind, "from": "given"} for t in subjects} if kind else _infer_kinds(asker, subjects)
+    retain, found = _neighbour_rows(asker, subjects, kinds, kind=kind, given=given, per_target=neighbours_per_target,
+                                    questions_per_neighbour=questions_per_neighbour,
+                                    avoid=_check_names(avoid, "avoid"), bank=bank, min_agreement=0.5,
+                                    min_overlap=min_overlap, seed=seed, exclude=subjects)
+    report = {"subjects": {t: kinds[t] for t in subjects}, "neighbours": found, "generated_answers": asker.count,
+              "seconds": round(time.perf_counter() - start, 2)}
+    return TargetData(forget=[], retain=retain, report=report)
+
+
+def _neighbour_rows(asker: _Asker, targets: Sequence[str], kinds: Mapping[str, Mapping], *, kind: str | None,
+                    given: Sequence[str] | None, per_target: int, questions_per_neighbour: int, avoid: Sequence[str],
+                    bank: Mapping, min_agreement: float, min_overlap: float, seed: int,
+                    exclude: Sequence[str]) -> tuple[list[dict], dict]:
+    """Retain rows about the neighbours of ``targets`` (found, or ``given``) and the report per
+    neighbour; rows whose answers name one of ``exclude`` are dropped."""
+    if given is None:
+        chosen = _find_neighbours(asker, targets, kinds, per_target, [*avoid, *exclude], seed)
+    else:
+        chosen = [(n, "given", None, None) for n in given if n not in exclude and n not in avoid]
+    retain: list[dict] = []
+    report: dict = {}
+    if not chosen:
+        return retain, report
+    nkinds = ({n: {"kind": kind, "from": "given"} for n, *_ in chosen} if kind else
+              _infer_kinds(asker, [n for n, _, k, _ in chosen if k is None]))
+    for n, _, k, _ in chosen:
+        if k is not None:
+            nkinds[n] = {"kind": k, "from": "the target's kind"}
+    nplan = {n: _pairs(n, nkinds[n]["kind"], bank, questions_per_neighbour, seed) for n, *_ in chosen}
+    nfacts = _facts(asker, nplan, "neighbour questions", 0, min_agreement, min_overlap)
+    for n, source, _, of in chosen:
+        for item in nfacts[n]:
+            if item["kept"] and _names_target(item["answer"] + " " + item["paraphrased_answer"], n, exclude):
+                item["kept"], item["reason"] = False, "names a target"
+        retain += [_row(i, n, neighbour_of=of) for i in nfacts[n] if i["kept"]]
+        report[n] = {"kind": nkinds[n]["kind"], "source": source, "neighbour_of": of,
+                     **_summary(nfacts[n]), "questions": nfacts[n]}
+    return retain, report
 
 
 def _descriptions(asker: _Asker, targets: Sequence[str], facts: Mapping[str, Sequence[Mapping]],

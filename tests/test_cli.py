@@ -372,7 +372,7 @@ REJECTED = [
     (["bogus"], r"unrecognized argument 'bogus': options are --flags or key=value"),
     (["output_dir=x"], r"output_dir is set by --out, not as key=value"),
     (["model=x"], r"model= is a flag of the command: use --model x"),
-    (["stats=missing.jsonl"], r"stats source 'missing.jsonl' is neither 'auto', 'retain', 'self' nor an existing"),
+    (["stats=missing.jsonl"], r"stats source 'missing.jsonl' is neither 'auto', 'retain', 'self', 'neighbours' nor an existing"),
 ]
 
 

@@ -79,7 +79,7 @@ def test_unlearn_with_self_statistics_reports_leakage_on_retain_and_forget(tmp_p
 
 def test_bad_stats_and_layers_are_refused_by_name_before_any_work(tmp_path):
     model, tok, forget, retain = trained_world_model()
-    with pytest.raises(ConfigError, match="missing.jsonl' is neither 'auto', 'retain', 'self' nor an existing"):
+    with pytest.raises(ConfigError, match="missing.jsonl' is neither 'auto', 'retain', 'self', 'neighbours' nor an existing"):
         nsru.unlearn(model, tok, forget=forget, retain=retain, stats=["retain", str(tmp_path / "missing.jsonl")])
     with pytest.raises(ConfigError, match="layers must look like"):
         nsru.unlearn(model, tok, forget=forget, retain=retain, layers="1-x")
@@ -164,3 +164,34 @@ def test_fit_retain_bases_runs_each_batch_once_for_the_leakage(tmp_path):
     for name, info in fit.modules.items():
         for key, values in expected.items():
             assert info[key] == pytest.approx(values[name], rel=1e-12, abs=1e-15), (name, key)
+
+
+def test_neighbours_source_asks_about_the_forget_subjects_and_keeps_avoided_names_out(monkeypatch):
+    """stats="neighbours": nsru.targets.neighbour_rows on the subjects of the forget rows, with
+    stats_avoid; its rows are a statistics source of their own. Forget rows without subjects, and a
+    model that knows no neighbour, are clear errors."""
+    import nsru.stats_sources as sources
+    from nsru.targets import TargetData
+
+    model, tok, forget, retain = trained_world_model()
+    asked = {}
+
+    def fake(model, tokenizer, subjects, **kw):
+        asked.update(subjects=subjects, **kw)
+        return TargetData(forget=[], retain=retain[:3])
+
+    monkeypatch.setattr(sources, "neighbour_rows", fake)
+    result = nsru.unlearn(model, tok, forget=forget, retain=retain, stats=["retain", "neighbours"],
+                          stats_avoid=["Eva Silva"], steps=1, batch_size=4, seed=3, progress=False)
+    assert asked["subjects"] == list(dict.fromkeys(r["subject"] for r in forget))
+    assert asked["avoid"] == ["Eva Silva"] and asked["seed"] == 3
+    assert result.stats_info["neighbours"]["rows"] == 3 and result.stats_info["retain"]["rows"] == len(retain)
+    with pytest.raises(ValueError, match="'neighbours' needs forget rows with a 'subject'"):
+        stats_encodings(["neighbours"], model=model, tokenizer=tok, retain_rows=None,
+                        forget_rows=[{"question": r["question"], "answer": r["answer"]} for r in forget])
+    monkeypatch.undo()
+    # the tiny world knows none of the built-in neighbours (it refuses): nothing to add, said so
+    with pytest.raises(ValueError, match="'neighbours' found no entity of the kind of Anna Novak"):
+        stats_encodings(["neighbours"], model=model, tokenizer=tok, retain_rows=None, forget_rows=forget[:1])
+    with pytest.raises(ConfigError, match="stats_avoid must be a list of names"):
+        nsru.unlearn(model, tok, forget=forget, retain=retain, stats_avoid="Eva Silva")

@@ -19,6 +19,7 @@ from nsru.targets import (
     judge,
     kind_from_text,
     names_any,
+    neighbour_rows,
     parse_names,
     parse_questions,
     specific_words,
@@ -220,6 +221,26 @@ def test_neighbours_found_without_being_given_skip_avoided_names(world):
     # the tiny world knows none of the built-in names: it refuses, and no retain row comes of it
     assert all(r["kept"] == 0 for r in chosen.values() if r["source"] == "built-in")
     assert all(r["subject"] in chosen for r in data.retain)
+
+
+def test_neighbour_rows_alone_are_the_retain_rows_target_rows_writes(world):
+    """neighbour_rows: step 5 of target_rows for subjects whose forget rows are given (the
+    "neighbours" statistics source): the same rows, no forget rows, and a subject is never its own
+    neighbour."""
+    model, tok, _ = world
+    given = ["Boris Silva", "Anna Novak", "Anna Berg"]
+    alone = neighbour_rows(model, tok, ["Anna Novak", "Clara Berg"], kind="person", questions=WORLD,
+                           neighbours=given, max_new_tokens=12)
+    full = _rows(model, tok, ["Anna Novak", "Clara Berg"], neighbours=given)
+    assert alone.forget == [] and alone.retain == full.retain and len(alone.retain) == 4
+    assert list(alone.report["neighbours"]) == ["Boris Silva", "Anna Berg"]
+    assert alone.report["subjects"]["Anna Novak"]["kind"] == "person"
+    # found, not given: the avoided names and the subjects are skipped
+    found = neighbour_rows(model, tok, ["Anna Novak"], kind="person", questions=WORLD, neighbours_per_target=2,
+                           avoid=["Cleopatra"], max_new_tokens=12)
+    assert len(found.report["neighbours"]) == 2 and not {"Cleopatra", "Anna Novak"} & set(found.report["neighbours"])
+    with pytest.raises(ValueError, match="questions_per_neighbour must be at least 1"):
+        neighbour_rows(model, tok, ["Anna Novak"], questions_per_neighbour=0)
 
 
 def test_greedy_answers_are_the_same_in_a_left_padded_batch_as_alone(world):

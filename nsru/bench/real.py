@@ -187,7 +187,8 @@ def variants(stats_corpus: Path) -> dict[str, dict]:
     """Every method of the comparison as ``nsru.unlearn`` options: NSRU with each statistics source,
     plain LoRA with NSRU's losses, the baselines, and NSRU given only the forget names
     (``nsru[targets]``: the model writes its forget and retain rows; no fact of the set is shown to
-    it, and no other person of the set is chosen as a neighbour)."""
+    it, and no other person of the set is chosen as a neighbour; likewise for the ``"neighbours"``
+    statistics source)."""
     return {
         "nsru[retain+self]": {"method": "nsru", "stats": ["retain", "self"]},
         "lora (nsru-no-project)": {"method": "nsru-no-project"},
@@ -199,6 +200,7 @@ def variants(stats_corpus: Path) -> dict[str, dict]:
         "rmu": {"method": "rmu", "layers": None},  # its own three MLPs at 7/32 of the depth
         "nsru[self]": {"method": "nsru", "stats": "self"},
         "nsru[retain+corpus]": {"method": "nsru", "stats": ["retain", str(stats_corpus)]},
+        "nsru[retain+self+neighbours]": {"method": "nsru", "stats": ["retain", "self", "neighbours"]},
         "nsru[targets]": {"method": "nsru", "targets": True},
     }
 
@@ -263,6 +265,8 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
             if opts.pop("targets", False):  # the names alone
                 forget, retain = None, None
                 opts.update(targets=sc.targets, target_options={"avoid": sc.others})
+            if "neighbours" in opts.get("stats", ()):
+                opts["stats_avoid"] = sc.others
             result = unlearn(model, tok, forget, retain, seed=seed, **opts)
             seconds = time.perf_counter() - t
             rep = evaluate(model, tok, sc, before_ppl=before["ppl"],
