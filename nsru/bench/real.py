@@ -273,6 +273,7 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
                            audit={**audit_opts, "before": before["audit"]} if audit else None)
             rep["seconds"] = seconds
             rep["mean_k"] = result.summary()["mean_k"]
+            rep["stats_sources"] = result.stats_info
             if result.generated is not None:
                 rep["generation_seconds"] = result.generated.report.get("seconds")
                 rep["generated_forget_rows"] = len(result.generated.forget)
