@@ -220,6 +220,7 @@ def test_the_targets_variant_is_given_the_names_alone(tmp_path, monkeypatch):
     seen = {}
 
     class Result:
+        stats_info = {"self": {"rows": 2, "tokens": 30}}
         generated = TargetData(forget=[{"question": "q", "answer": "a", "subject": "x"}], retain=[],
                                report={"seconds": 12.5})
 
@@ -239,6 +240,7 @@ def test_the_targets_variant_is_given_the_names_alone(tmp_path, monkeypatch):
     assert set(seen["target_options"]["avoid"]) == others and seen["method"] == "nsru"
     run = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()][-1]
     assert run["name"] == "nsru[targets]" and run["generation_seconds"] == 12.5 and run["generated_forget_rows"] == 1
+    assert run["stats_sources"] == {"self": {"rows": 2, "tokens": 30}}
 
 
 def test_an_earlier_evaluation_of_the_model_before_is_reused(tmp_path, monkeypatch):
@@ -248,6 +250,7 @@ def test_an_earlier_evaluation_of_the_model_before_is_reused(tmp_path, monkeypat
 
     class Result:
         generated = None
+        stats_info = {"retain": {"rows": 2, "tokens": 30}}
 
         def summary(self):
             return {"mean_k": 1.0}
