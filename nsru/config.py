@@ -101,6 +101,8 @@ class UnlearnConfig:
     warmup_steps: float = 0.1  # < 1: a fraction of steps
     schedule: str = "linear"  # linear | cosine | constant (after warm-up)
     steps: int = 60  # sweep: 30 forgets too little; 120 forgets more, keeps retain, costs held-out
+    stop_at: float | None = None  # stop once the forget answers' median token-probability ratio to before is ≤ this
+    stop_every: int = 5  # steps between those checks
     max_grad_norm: float | None = 1.0
     seed: int = 0
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
@@ -180,6 +182,9 @@ class UnlearnConfig:
         need(self.max_grad_norm is None or self.max_grad_norm > 0,
              f"max_grad_norm must be positive or null (no clipping), got {self.max_grad_norm!r}")
         need(self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0 (0: off)")
+        need(self.stop_at is None or 0.0 < self.stop_at < 1.0,
+             f"stop_at must lie between 0 and 1 (a fraction of the probability before training), got {self.stop_at!r}")
+        need(self.stop_every >= 1, f"stop_every must be at least 1, got {self.stop_every!r}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {self.keep_checkpoints!r}")
         need(self.rmu_layer is None or self.rmu_layer >= 0, f"rmu_layer must be >= 0, got {self.rmu_layer!r}")
         need(self.rmu_steering is None or self.rmu_steering > 0, f"rmu_steering must be positive, got {self.rmu_steering!r}")
@@ -378,6 +383,9 @@ HELP = {
     "keep_checkpoints": "how many of the newest checkpoints to keep",
     "resume": "continue from the latest checkpoint in output_dir, or from a checkpoint path (the CLI: --resume)",
     "eval_every": "call the evaluation callback every N steps (0: never)",
+    "stop_at": "stop before steps once the forget answers' median per-token probability is at most this fraction of "
+               "its value before training (null: run every step)",
+    "stop_every": "steps between the stop_at checks",
     "progress": "show a progress bar",
     "device": "move the model here before training (null: leave it where it is)",
     "fsdp": "under torchrun, shard the frozen base weights across the processes (FSDP2); adapters stay whole",

@@ -34,6 +34,7 @@ from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
 from nsru.stats_sources import describe, global_source_means, source_holding, stats_encodings
+from nsru.stopping import ForgetCheck
 from nsru.sampler import Stream
 from nsru.subspace import (SavedBases, SecondMoments, basis_info, collect_second_moments, read_bases,
                            retain_subspaces, set_retain_bases, summarize_bases)
@@ -385,7 +386,10 @@ def unlearn(
     streams = {"forget": Stream(forget_ex, cfg.batch_size, seed=cfg.seed, salt=1, pad_id=pad_id)}
     if retain_ex is not None and cfg.retain:
         streams["retain"] = Stream(retain_ex, cfg.batch_size, seed=cfg.seed, salt=2, pad_id=pad_id)
-    trainer = Trainer(model, cfg, m, ctx, streams, params, adapters=adapters, eval_fn=eval_fn)
+    stop_fn = None
+    if cfg.stop_at is not None:  # measured before the first step: the adapters still add nothing
+        stop_fn = ForgetCheck(model, [ex["forget"] for ex in forget_ex], pad_id, cfg.stop_at)
+    trainer = Trainer(model, cfg, m, ctx, streams, params, adapters=adapters, eval_fn=eval_fn, stop_fn=stop_fn)
     history = trainer.train()
     if cfg.finetune == "full":
         model.requires_grad_(False)

@@ -87,7 +87,8 @@ class Trainer:
     ``streams``: ``{"forget": Stream, "retain": Stream}`` (retain optional); each yields examples
     whose parts (``forget``/``safe``/``retain``) are encodings. ``params``: the trainable
     parameters by name. ``eval_fn(model, step) -> dict`` runs every ``config.eval_every`` steps;
-    its results go into the history. ``adapters``: the NSRU layers (their ``lora_A`` is kept in
+    its results go into the history; ``stop_fn(model, step) -> dict`` likewise every
+    ``config.stop_every`` steps, and training ends when its ``"stop"`` is true. ``adapters``: the NSRU layers (their ``lora_A`` is kept in
     the null space after each step, and their files are written in each checkpoint).
 
     Before anything runs, ``config.output_dir`` (when set) must take a file and have room for
@@ -105,6 +106,7 @@ class Trainer:
         *,
         adapters: Mapping | None = None,
         eval_fn: Callable | None = None,
+        stop_fn: Callable | None = None,
     ) -> None:
         self.model = model
         self.cfg = config
@@ -118,6 +120,7 @@ class Trainer:
         # gradients are projected once per step (null_space_step), not in every backward
         self._projected = [m for m in self.adapters.values() if id(m.lora_A) in trainable]
         self.eval_fn = eval_fn
+        self.stop_fn = stop_fn
         self.rank, self.world = dist_info()
         per_rank, rest = divmod(config.batch_size, self.world * config.grad_accum)
         if rest or per_rank == 0:
@@ -331,9 +334,13 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "lr", "grad_norm")})
                 if cfg.eval_every and self.eval_fn is not None and self.step % cfg.eval_every == 0:
-                    record["eval"] = self._evaluate()
+                    record["eval"] = self._evaluate(self.eval_fn)
                 if self.output_dir and cfg.save_every and self.step % cfg.save_every == 0:
                     self.save_checkpoint()
+                if self.stop_fn is not None and self.step % cfg.stop_every == 0:
+                    record["stop_check"] = self._evaluate(self.stop_fn)
+                    if record["stop_check"]["stop"]:
+                        break
             if self.output_dir and (not self.last_checkpoint or not self.last_checkpoint.name.endswith(f"-{self.step}")):
                 self.save_checkpoint()
         finally:
@@ -341,12 +348,12 @@ class Trainer:
             self.model.train(was_training)
         return self.history
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self, fn: Callable) -> dict:
         was = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), null_space_step(self.adapters.values()):  # Ã once, not at every forward
-                return self.eval_fn(self.model, self.step) or {}
+                return fn(self.model, self.step) or {}
         finally:
             self.model.train(was)
 
