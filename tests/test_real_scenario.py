@@ -221,6 +221,7 @@ def test_the_targets_variant_is_given_the_names_alone(tmp_path, monkeypatch):
 
     class Result:
         stats_info = {"self": {"rows": 2, "tokens": 30}}
+        history = [{"step": 1}]
         generated = TargetData(forget=[{"question": "q", "answer": "a", "subject": "x"}], retain=[],
                                report={"seconds": 12.5})
 
@@ -240,7 +241,7 @@ def test_the_targets_variant_is_given_the_names_alone(tmp_path, monkeypatch):
     assert set(seen["target_options"]["avoid"]) == others and seen["method"] == "nsru"
     run = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()][-1]
     assert run["name"] == "nsru[targets]" and run["generation_seconds"] == 12.5 and run["generated_forget_rows"] == 1
-    assert run["stats_sources"] == {"self": {"rows": 2, "tokens": 30}}
+    assert run["stats_sources"] == {"self": {"rows": 2, "tokens": 30}} and run["steps_run"] == 1
 
 
 def test_an_earlier_evaluation_of_the_model_before_is_reused(tmp_path, monkeypatch):
@@ -251,6 +252,7 @@ def test_an_earlier_evaluation_of_the_model_before_is_reused(tmp_path, monkeypat
     class Result:
         generated = None
         stats_info = {"retain": {"rows": 2, "tokens": 30}}
+        history = [{"step": 1}, {"step": 2}]
 
         def summary(self):
             return {"mean_k": 1.0}

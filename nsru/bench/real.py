@@ -274,6 +274,7 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
             rep["seconds"] = seconds
             rep["mean_k"] = result.summary()["mean_k"]
             rep["stats_sources"] = result.stats_info
+            rep["steps_run"] = len(result.history)  # below the budget's steps where stop_at ended the run
             if result.generated is not None:
                 rep["generation_seconds"] = result.generated.report.get("seconds")
                 rep["generated_forget_rows"] = len(result.generated.forget)
