@@ -79,7 +79,7 @@ class UnlearnConfig:
     stats: Any = "auto"
     stats_tokens: int | None = None
     stats_avoid: Any = ()  # names kept out of the generated sources ("self", "neighbours"), e.g. those you evaluate on
-    self_samples: int = 256  # texts the model writes itself for the "self" source
+    self_samples: int = 64  # texts the model writes itself for "self"; leakage curve: 64 within 0.004 of 256
     self_max_new_tokens: int = 64
     layers: Any = None  # adapt only these layers: "10-19", [10, 11, ...] or None (all)
 

@@ -67,7 +67,7 @@ def stats_encodings(
     forget_rows: Sequence[Mapping],
     max_length: int | None = None,
     tokens: int | None = None,
-    self_samples: int = 256,
+    self_samples: int = 64,
     self_max_new_tokens: int = 64,
     seed: int = 0,
     avoid: Sequence[str] = (),
