@@ -24,7 +24,10 @@ HERE = Path(__file__).parent
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 # No clipping and few steps: the first step's gradient is compared as it is.
-OPTIONS = {"steps": 4, "batch_size": 4, "lr": 1e-2, "max_grad_norm": None, "progress": False, "seed": 0}
+# 256 self-samples: the setting TOL was fixed at (with 64 the null space is wider, the adapter moves
+# more, and float reduction order shows up to 2e-5 in its weights)
+OPTIONS = {"steps": 4, "batch_size": 4, "lr": 1e-2, "max_grad_norm": None, "progress": False, "seed": 0,
+           "self_samples": 256}
 TOL = 1e-5
 
 
