@@ -80,7 +80,7 @@ def stats_encodings(
     docstring. ``avoid``: names kept out of the generated sources beside the forget subjects.
     ``progress``: bars while the model writes them."""
     if isinstance(sources, (str, Path)) or not sources:
-        raise ValueError("stats: give a list of at least one source ('retain', 'self' or a corpus)")
+        raise ValueError("stats: give a list of at least one source ('retain', 'self', 'neighbours' or a corpus)")
     share = None if tokens is None else max(1, tokens // len(sources))
     out: dict[str, list[dict]] = {}
     for i, source in enumerate(sources):

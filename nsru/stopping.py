@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nsru.data import pad_encodings
-from nsru.objectives import token_logprobs
+from nsru.objectives import IGNORE_INDEX, token_logprobs
 
 
 class ForgetCheck:
@@ -28,7 +28,7 @@ class ForgetCheck:
                  batch_size: int = 16) -> None:
         if not 0.0 < stop_at < 1.0:
             raise ValueError(f"stop_at must lie between 0 and 1 (a fraction of the probability before), got {stop_at}")
-        rows = [e for e in encodings if any(label != -100 for label in e["labels"][1:])]
+        rows = [e for e in encodings if any(label != IGNORE_INDEX for label in e["labels"][1:])]
         if not rows:
             raise ValueError("stop_at: no forget row has an answer token to measure")
         self.batches = [pad_encodings(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]

@@ -19,8 +19,8 @@ from nsru.cli.common import (UsageError, add_model_args, build_config, check_dty
 NAME = "subspace"
 # The UnlearnConfig options this command uses; the others are accepted (one config file serves
 # `nsru subspace` and `nsru unlearn`) and ignored.
-USED = ("target_modules", "layers", "subspace", "stats", "stats_tokens", "stats_avoid", "self_samples", "self_max_new_tokens",
-        "max_length", "seed", "progress")
+USED = ("target_modules", "layers", "subspace", "stats", "stats_tokens", "stats_avoid", "self_samples",
+        "self_max_new_tokens", "max_length", "seed", "progress")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
