@@ -119,6 +119,11 @@ def test_overrides_are_typed_by_yaml_and_by_the_option():
     assert cfg.lr == 3e-3 and cfg.steps == 5 and cfg.project is False and cfg.rmu_layer is None
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.stats == ["retain", "self"]
     assert cfg.layers == "10-19" and cfg.subspace == "k=16" and cfg.adam_betas == (0.9, 0.99) and cfg.device == "0"
+    # names are always a list: one name, several separated by commas, or YAML's list
+    for token, names in (("stats_avoid=Ada Lovelace", ["Ada Lovelace"]),
+                         ("stats_avoid=Ada Lovelace, Alan Turing", ["Ada Lovelace", "Alan Turing"]),
+                         ("stats_avoid=[Ada Lovelace]", ["Ada Lovelace"])):
+        assert common.build_config({}, common.parse_overrides([token, "stats=neighbours"])).stats_avoid == names
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ RUN_KEYS = {
 }
 SECTIONS = ("run", "unlearn")
 LIST_OPTIONS = ("target_modules", "stats")  # a comma-separated value is a list (not a regex / a file name)
+NAME_LIST_OPTIONS = ("stats_avoid",)  # always a list of names: one name, or several separated by commas
 CLI_OWNED = {"output_dir": "--out", "resume": "--resume"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -65,6 +66,8 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             value = raw
         if key in LIST_OPTIONS and isinstance(value, str) and "," in value and not re.search(r"[\\^$*+?()\[\]{}|]", value):
             value = [part.strip() for part in value.split(",") if part.strip()]  # target_modules=q_proj,v_proj
+        if key in NAME_LIST_OPTIONS and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]  # stats_avoid="Ada Lovelace"
         out[key] = value
     return out
 
