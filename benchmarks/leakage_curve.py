@@ -3,8 +3,8 @@
 The ``"self"`` source (texts the model writes itself) is the slowest phase of an NSRU run before
 training; its size (``self_samples``) is chosen from this measurement (64 since 2026-12-07:
 ``benchmarks/results/leakage_curve_smollm2/``). This script fits the retain bases of
-SmolLM2-135M-Instruct (the real scenario's layers and retain rows) with ``stats=["retain", "self"]`` at several sample counts, and reports for each
-the leakage ``‖P⊥h‖² / ‖h‖²`` on the scenario's held-out neighbour and general facts (lower: the
+SmolLM2-135M-Instruct (the real scenario's layers and retain rows) with ``stats=["retain",
+"self"]`` at several sample counts, and reports for each the leakage ``‖P⊥h‖² / ‖h‖²`` on the scenario's held-out neighbour and general facts (lower: the
 adapter can touch less of what those facts feed the model), the mean k, and the time the samples
 took to write. Where the curve stops falling, more samples buy nothing.
 

@@ -33,6 +33,7 @@ from nsru.distributed import dist_info, init_distributed_from_env, run_on_rank0
 from nsru.layer import model_device, nsru_modules
 from nsru.methods import LossContext, Method, get_method
 from nsru.safe_targets import SafeTargets
+from nsru.self_samples import row_subjects
 from nsru.stats_sources import describe, global_source_means, source_holding, stats_encodings
 from nsru.stopping import ForgetCheck
 from nsru.sampler import Stream
@@ -214,7 +215,7 @@ def target_data(model: nn.Module, tokenizer, targets, options: Mapping | None, *
         return targets
     names = [targets] if isinstance(targets, str) else list(targets)
     settings = {"seed": seed, "progress": progress, **(options or {})}
-    subjects = [s for s in dict.fromkeys(r.get("subject") for r in forget_rows) if isinstance(s, str) and s.strip()]
+    subjects = row_subjects(forget_rows)
     if subjects:
         settings["avoid"] = [*settings.get("avoid", ()), *subjects]
     if own_retain:

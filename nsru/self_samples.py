@@ -83,16 +83,19 @@ def _fingerprint(model: nn.Module, tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def row_subjects(rows: Sequence[Mapping]) -> list[str]:
+    """The distinct non-empty ``subject`` of ``rows``, stripped, in order of first appearance."""
+    return list(dict.fromkeys(s.strip() for row in rows if isinstance(s := row.get("subject"), str) and s.strip()))
+
+
 def subjects_of(rows: Sequence[Mapping]) -> list[str]:
     """The forget subjects to keep out of the statistics: each row's ``subject`` and its last word."""
     found: set[str] = set()
-    for row in rows:
-        subject = row.get("subject")
-        if isinstance(subject, str) and subject.strip():
-            found.add(subject.strip())
-            last = subject.strip().split()[-1]
-            if len(last) > 3:
-                found.add(last)
+    for subject in row_subjects(rows):
+        found.add(subject)
+        last = subject.split()[-1]
+        if len(last) > 3:
+            found.add(last)
     return sorted(found)
 
 

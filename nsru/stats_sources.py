@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from nsru.data import encode_qa, encode_text, is_qa, load_rows
-from nsru.self_samples import sample_self, subjects_of
+from nsru.self_samples import row_subjects, sample_self, subjects_of
 from nsru.subspace import SecondMoments, collect_second_moments
 from nsru.targets import neighbour_rows
 
@@ -96,8 +96,7 @@ def stats_encodings(
                 raise ValueError("stats: 'self' produced no usable samples (all named a forget subject?)")
         elif isinstance(source, str) and source == "neighbours":
             name = "neighbours"
-            subjects = list(dict.fromkeys(s.strip() for r in forget_rows if isinstance(s := r.get("subject"), str)
-                                          and s.strip()))
+            subjects = row_subjects(forget_rows)
             if not subjects:
                 raise ValueError("stats: 'neighbours' needs forget rows with a 'subject' (the name each row is about)")
             rows = neighbour_rows(model, tokenizer, subjects, avoid=avoid, seed=seed, progress=progress).retain

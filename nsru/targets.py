@@ -537,6 +537,15 @@ def _check_names(names, what: str) -> list[str]:
     return out
 
 
+def _bank(questions: Mapping | None, kind: str | None) -> Mapping:
+    """The template bank (``questions``, else :data:`QUESTION_BANK`), checked, with ``kind`` in it."""
+    bank = dict(questions) if questions is not None else QUESTION_BANK
+    _check_bank(bank)
+    if kind is not None and kind not in bank:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(bank)}")
+    return bank
+
+
 def _check_bank(bank: Mapping) -> None:
     if not isinstance(bank, Mapping) or not bank:
         raise ValueError("questions must map a kind to a list of (topic, question, paraphrase) templates")
@@ -694,10 +703,7 @@ def target_rows(
     targets = _check_names(targets, "targets")
     if not targets:
         raise ValueError("targets: give at least one name to forget")
-    bank = dict(questions) if questions is not None else QUESTION_BANK
-    _check_bank(bank)
-    if kind is not None and kind not in bank:
-        raise ValueError(f"kind={kind!r}: expected one of {', '.join(bank)}")
+    bank = _bank(questions, kind)
     for label, value in (("questions_per_target", questions_per_target),
                          ("questions_per_neighbour", questions_per_neighbour)):
         if value < 1:
@@ -788,10 +794,7 @@ def neighbour_rows(
     ``retain`` and no ``forget`` rows; rows that name a subject are dropped."""
     start = time.perf_counter()
     subjects = _check_names(subjects, "subjects")
-    bank = dict(questions) if questions is not None else QUESTION_BANK
-    _check_bank(bank)
-    if kind is not None and kind not in bank:
-        raise ValueError(f"kind={kind!r}: expected one of {', '.join(bank)}")
+    bank = _bank(questions, kind)
     if questions_per_neighbour < 1 or neighbours_per_target < 0:
         raise ValueError(f"questions_per_neighbour must be at least 1 and neighbours_per_target not negative, got "
                          f"{questions_per_neighbour} and {neighbours_per_target}")

@@ -88,8 +88,9 @@ class Trainer:
     whose parts (``forget``/``safe``/``retain``) are encodings. ``params``: the trainable
     parameters by name. ``eval_fn(model, step) -> dict`` runs every ``config.eval_every`` steps;
     its results go into the history; ``stop_fn(model, step) -> dict`` likewise every
-    ``config.stop_every`` steps, and training ends when its ``"stop"`` is true. ``adapters``: the NSRU layers (their ``lora_A`` is kept in
-    the null space after each step, and their files are written in each checkpoint).
+    ``config.stop_every`` steps, and training ends when its ``"stop"`` is true. ``adapters``: the
+    NSRU layers (their ``lora_A`` is kept in the null space after each step, and their files are
+    written in each checkpoint).
 
     Before anything runs, ``config.output_dir`` (when set) must take a file and have room for
     the checkpoints (:func:`nsru.checkpoint.check_output_dir`).

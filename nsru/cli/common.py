@@ -64,10 +64,9 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             value = raw  # a string option whose text YAML read as a number (e.g. device=0)
         if isinstance(value, (dict, list)) and "Any" not in hint and "tuple" not in hint:
             value = raw
-        if key in LIST_OPTIONS and isinstance(value, str) and "," in value and not re.search(r"[\\^$*+?()\[\]{}|]", value):
-            value = [part.strip() for part in value.split(",") if part.strip()]  # target_modules=q_proj,v_proj
-        if key in NAME_LIST_OPTIONS and isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]  # stats_avoid="Ada Lovelace"
+        listed = key in LIST_OPTIONS and "," in str(value) and not re.search(r"[\\^$*+?()\[\]{}|]", str(value))
+        if isinstance(value, str) and (listed or key in NAME_LIST_OPTIONS):
+            value = [part.strip() for part in value.split(",") if part.strip()]  # q_proj,v_proj; "Ada Lovelace"
         out[key] = value
     return out
 
