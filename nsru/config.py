@@ -104,6 +104,7 @@ class UnlearnConfig:
     stop_at: float | None = None  # stop once the forget answers' median token-probability ratio to before is ≤ this
     stop_every: int = 5  # steps between those checks
     max_grad_norm: float | None = 1.0
+    sam_rho: float = 0.0  # > 0: suppression at the adapted base weights moved this far (per weight) against it
     seed: int = 0
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
 
@@ -184,6 +185,7 @@ class UnlearnConfig:
         need(self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0 (0: off)")
         need(self.stop_at is None or 0.0 < self.stop_at < 1.0,
              f"stop_at must lie between 0 and 1 (a fraction of the probability before training), got {self.stop_at!r}")
+        need(self.sam_rho >= 0, f"sam_rho must be >= 0 (0: off), got {self.sam_rho!r}")
         need(self.stop_every >= 1, f"stop_every must be at least 1, got {self.stop_every!r}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {self.keep_checkpoints!r}")
         need(self.rmu_layer is None or self.rmu_layer >= 0, f"rmu_layer must be >= 0, got {self.rmu_layer!r}")
@@ -376,6 +378,9 @@ HELP = {
     "schedule": "learning-rate schedule after warm-up: linear, cosine or constant",
     "steps": "optimizer steps",
     "max_grad_norm": "gradient clipping norm (null: no clipping)",
+    "sam_rho": "sharpness-aware forgetting: the suppression term is computed with every base weight of the "
+               "adapted modules moved this far along the sign of its gradient, as a relearning attack's AdamW step "
+               "at this learning rate would (0: off; each step then runs the suppression twice)",
     "seed": "seed of the data order, the adapter init and the safe-target choice",
     "bf16": "autocast to bfloat16 on CUDA (ignored on the CPU)",
     "output_dir": "where checkpoints go (the CLI sets it to OUT/checkpoints)",

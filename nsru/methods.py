@@ -54,6 +54,10 @@ class LossContext:
 
     ``term_backward``: set by the trainer for each step, ``term_backward(weighted_term, used_denom)``
     runs the backward of one term as soon as :meth:`weighted` has computed it.
+
+    ``term_filter``: set by the trainer for a pass that needs some terms alone (the forget-side
+    terms at perturbed weights, :mod:`nsru.sharpness`): :meth:`weighted` computes the terms whose
+    name it accepts and skips the others; ``None`` computes all.
     """
 
     def __init__(self, model: nn.Module, config, ref_model: nn.Module | None = None,
@@ -68,6 +72,7 @@ class LossContext:
         self.counts: dict[str, dict[str, float]] | None = None
         self.counts_used = False  # whether a loss asked for denom() since the trainer last reset it
         self.term_backward: Callable[[torch.Tensor, bool], None] | None = None
+        self.term_filter: Callable[[str], bool] | None = None
 
     def denom(self, part: str, kind: str = "tokens") -> float | None:
         """The global count of ``kind`` in ``part`` of this step's batch (``None`` outside the trainer)."""
@@ -93,6 +98,8 @@ class LossContext:
         total = None
         used_before = self.counts_used
         for name, compute in terms.items():
+            if self.term_filter is not None and not self.term_filter(name):
+                continue
             self.counts_used = False
             value = compute()
             part = weights[name] * value
@@ -103,6 +110,8 @@ class LossContext:
             values[name] = value.detach()
             total = part if total is None else total + part
         self.counts_used = used_before
+        if total is None:  # every term skipped by ``term_filter``
+            total = torch.zeros((), device=next(self.model.parameters()).device)
         return {**values, "loss": total}
 
     def forward(self, batch: Mapping[str, torch.Tensor], **kwargs):

@@ -69,6 +69,7 @@ from nsru.layer import null_space_step, project_gradients_
 from nsru.objectives import batch_counts
 from nsru.sampler import Stream, split
 from nsru.schedule import ScheduleError, check_resume, lr_scheduler, restore_scheduler
+from nsru.sharpness import WeightAscent
 
 COUNT_KINDS = ("tokens", "sequences", "positions")
 
@@ -143,6 +144,10 @@ class Trainer:
         elif ctx.prefix is None and ctx.ref_model is None:
             ctx.prefix = FrozenPrefix.find(model)  # adapters above a frozen bottom: run it once per sequence
         self.device = next(iter(self.params.values())).device
+        if config.sam_rho and not self._projected:
+            raise ValueError(f"sam_rho={config.sam_rho:g} moves the base weights of trained adapters, and this run "
+                             "trains none (finetune='full', or no adapter parameter among params)")
+        self._ascent = WeightAscent(self._projected) if config.sam_rho else None
         decay, no_decay = [], []
         for name, p in self.params.items():
             (no_decay if p.dim() < 2 else decay).append(p)
@@ -269,21 +274,14 @@ class Trainer:
         sums: dict[str, float] = {}
         self.ctx.term_backward = self._term_backward  # each term's backward before the next term's forward
         try:
-            with null_space_step(self._projected, project_grads=False):
-                for batch in micro:
-                    self.ctx.counts_used = False
-                    with self._autocast():
-                        terms = self.method.loss(self.ctx, batch)
-                    if not self.ctx.counts_used:  # a loss that averages over its own shard
-                        terms = {k: v / self._shards for k, v in terms.items() if v is not None}
-                    self._check_loss(terms, batch)
-                    if terms["loss"].requires_grad:  # a method's own loss, or what it added to ctx.weighted's
-                        terms["loss"].backward()
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if self._ascent is None:
+                self._accumulate(micro, sums)
+            else:
+                self._sharpness_aware(micro, sums)
         finally:
             self.ctx.counts = None
             self.ctx.term_backward = None
+            self.ctx.term_filter = None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
         for p, g in zip(self.params.values(), grads):
             p.grad = g
@@ -307,6 +305,36 @@ class Trainer:
         record = {"step": self.step, "lr": lr, **dict(zip(sums, logged.tolist())), "grad_norm": float(norm)}
         self.history.append(record)
         return record
+
+    def _accumulate(self, micro: list[dict], sums: dict[str, float]) -> None:
+        """Forward and backward of the loss (the terms ``ctx.term_filter`` passes) over ``micro``; the
+        gradients add up in ``.grad``, the detached term values in ``sums``."""
+        with null_space_step(self._projected, project_grads=False):
+            for batch in micro:
+                self.ctx.counts_used = False
+                with self._autocast():
+                    terms = self.method.loss(self.ctx, batch)
+                if not self.ctx.counts_used:  # a loss that averages over its own shard
+                    terms = {k: v / self._shards for k, v in terms.items() if v is not None}
+                self._check_loss(terms, batch)
+                if terms["loss"].requires_grad:  # a method's own loss, or what it added to ctx.weighted's
+                    terms["loss"].backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+
+    def _sharpness_aware(self, micro: list[dict], sums: dict[str, float]) -> None:
+        """``sam_rho > 0``: the suppression term's gradient at the adapted base weights moved by
+        ``sam_rho`` along the sign of its own weight gradient, the other terms' at the true weights
+        (:mod:`nsru.sharpness`); ``sums["sam_grad_norm"]``: ‖∂L_suppress/∂W‖."""
+        self.ctx.term_filter = lambda name: name == "suppress"
+        with self._ascent.gathering():
+            self._accumulate(micro, {})
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._ascent.moved(self.cfg.sam_rho) as norm:
+            self._accumulate(micro, sums)
+        self.ctx.term_filter = lambda name: name != "suppress"
+        self._accumulate(micro, sums)  # "loss" adds up over the two passes
+        sums["sam_grad_norm"] = norm / self.world  # the same on every process; the history sums them
 
     @torch.no_grad()
     def _reproject(self) -> None:
