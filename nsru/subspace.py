@@ -318,8 +318,10 @@ def _leakage_sums(
             if h.shape[0] == 0:
                 return
             u = adapter.retain_basis
-            outside = h - (h @ u) @ u.T if u.shape[1] else h
-            ratio = outside.pow(2).sum(-1) / h.pow(2).sum(-1).clamp_min(1e-30)
+            energy = h.pow(2).sum(-1).clamp_min(1e-30)
+            # ‖P⊥h‖² = ‖h‖² − ‖Uᵀh‖² (U orthonormal): one product with U, no in-wide copy of h
+            inside = (h @ u).pow(2).sum(-1) if u.shape[1] else torch.zeros_like(energy)
+            ratio = (1.0 - inside / energy).clamp_(0.0, 1.0)
             value = float(ratio.sum())
             for key in current["keys"]:
                 totals[key][name] += value

@@ -103,6 +103,34 @@ def test_leakage_is_zero_inside_and_positive_outside():
     assert all(v == pytest.approx(1.0) for v in nsru.leakage(model, retain, progress=False).values())
 
 
+def test_leakage_is_the_mean_over_real_tokens_of_the_energy_outside_the_basis():
+    """Against ‖h − UUᵀh‖² / ‖h‖² in float64 on the inputs a plain forward gives each module."""
+    model = tiny_llama()
+    adapters = nsru.apply_nsru(model, r=2)
+    batches = token_batches(2, seed=3)
+    batches[0]["attention_mask"][0, -3:] = 0  # padding is not counted
+    torch.manual_seed(0)
+    bases = {n: torch.linalg.qr(torch.randn(m.in_features, k))[0]
+             for (n, m), k in zip(adapters.items(), [0, 1, 5, 17, 32] * len(adapters))}
+    nsru.set_retain_bases(model, bases)
+    inputs = {n: [] for n in adapters}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0].detach()))
+               for n, m in adapters.items()]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    expected = {}
+    for n, u in bases.items():
+        h = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(inputs[n], batches)]).double()
+        u = u.double()
+        expected[n] = float(((h - h @ u @ u.T).pow(2).sum(-1) / h.pow(2).sum(-1)).mean())
+    got = nsru.leakage(model, batches, progress=False)
+    assert got == pytest.approx(expected, abs=2e-6)
+    assert min(expected.values()) < 0.9 < max(expected.values()) == 1.0  # the bases span a range of leakages
+
+
 def test_errors_name_what_is_wrong():
     model = tiny_llama()
     with pytest.raises(ValueError, match="no NSRU adapters"):
