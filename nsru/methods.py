@@ -55,8 +55,8 @@ class LossContext:
     ``term_backward``: set by the trainer for each step, ``term_backward(weighted_term, used_denom)``
     runs the backward of one term as soon as :meth:`weighted` has computed it.
 
-    ``term_filter``: set by the trainer for a pass that needs some terms alone (the forget-side
-    terms at perturbed weights, :mod:`nsru.sharpness`): :meth:`weighted` computes the terms whose
+    ``term_filter``: set by the trainer for a pass that needs some terms alone (the suppression
+    term at perturbed weights, :mod:`nsru.sharpness`): :meth:`weighted` computes the terms whose
     name it accepts and skips the others; ``None`` computes all.
     """
 

@@ -1,4 +1,4 @@
-"""Forgetting that survives a relearning attack: the forget-side terms at perturbed base weights.
+"""Forgetting that survives a relearning attack: the suppression term at perturbed base weights.
 
 A relearning attack fine-tunes the weights of the adapted blocks on a few forget facts and brings
 the others back: unlearning left the knowledge one short step away. Sharpness-aware unlearning

@@ -51,7 +51,7 @@ def test_gathered_gradient_is_autograds_weight_gradient():
     reference = _loss(x @ w.T + layer.bias + adapter, mask) + _loss((x @ w.T + layer.bias + adapter)[:1], mask[:1])
     expected, = torch.autograd.grad(reference, w)
     torch.testing.assert_close(ascent.grads[0], expected, rtol=1e-5, atol=1e-5)
-    assert float(expected[:, :].abs().sum()) > 0
+    assert float(expected.abs().sum()) > 0
 
 
 def test_weights_move_by_rho_along_the_gradient_sign_and_come_back_exactly():
@@ -113,6 +113,8 @@ def test_the_forget_side_runs_at_moved_weights_and_the_retain_term_at_the_true_o
     assert [name for name, _ in _CALLS] == ["suppress", "suppress", "safe", "retain"] * 2
     for i, (name, seen) in enumerate(_CALLS):
         assert torch.equal(seen, w) == (i % 4 != 1), (i, name)
+    step = (_CALLS[1][1] - w).abs()  # every weight moved by sam_rho, or not at all where its gradient is 0
+    assert bool(((step == 0) | ((step - 0.5).abs() < 1e-6)).all()) and float(step.max()) == pytest.approx(0.5)
     assert all(h["sam_grad_norm"] > 0 for h in result.history)
     assert result.history[0]["loss"] == pytest.approx(
         result.history[0]["safe"] + 0.3 * result.history[0]["suppress"] + 3.0 * result.history[0]["retain"], rel=1e-5)
