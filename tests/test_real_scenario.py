@@ -234,11 +234,15 @@ def test_the_targets_variant_is_given_the_names_alone(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nsru.pipeline, "unlearn", fake_unlearn)
     real.run_real(tmp_path, seeds=1, names=["nsru[targets]"], facts=facts, load=lambda: trained_world_model()[:2],
-                  audit=False, log=lambda *a: None)
+                  audit=False, log=lambda *a: None,
+                  options={"target_options": {"neighbours_per_target": 6, "avoid": ["Someone Else"]}})
     forget_names = [e["name"] for e in facts["entities"] if e["group"] == "forget"]
     others = {e["name"] for e in facts["entities"]} - set(forget_names)
     assert seen["forget"] is None and seen["retain"] is None and seen["targets"] == forget_names
-    assert set(seen["target_options"]["avoid"]) == others and seen["method"] == "nsru"
+    assert set(seen["target_options"]["avoid"]) == others | {"Someone Else"} and seen["method"] == "nsru"
+    assert seen["target_options"]["neighbours_per_target"] == 6  # the caller's generator options pass through
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["config"]["target_options"]["neighbours_per_target"] == 6  # and are on record
     run = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()][-1]
     assert run["name"] == "nsru[targets]" and run["generation_seconds"] == 12.5 and run["generated_forget_rows"] == 1
     assert run["stats_sources"] == {"self": {"rows": 2, "tokens": 30}} and run["steps_run"] == 1

@@ -213,7 +213,8 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
 
     ``seeds``: how many (0, 1, ...) or which; ``names``: a subset of :func:`variants` (all by
     default); ``options``: further ``nsru.unlearn`` options for every run (e.g. ``{"subspace":
-    "tail=1e-3"}``); ``facts`` and ``load`` (a callable returning a fresh ``(model, tokenizer)``)
+    "tail=1e-3"}``; ``target_options`` reach ``nsru[targets]``'s generator, beside the names it
+    must avoid); ``facts`` and ``load`` (a callable returning a fresh ``(model, tokenizer)``)
     replace the shipped fact set and SmolLM2 (tests).
     ``audit``: audit every model (:func:`nsru.audit.audit`; the before model once, every run against
     it), the slowest part of an evaluation (``False`` skips it); ``audit_settings``: options for it
@@ -262,9 +263,11 @@ def run_real(out="nsru-demo-real", seeds: int | Sequence[int] = 2, names=None, s
             model, tok = load()
             t = time.perf_counter()
             opts, forget, retain = {**budget, **table_of[name]}, sc.forget, sc.retain
+            given = dict(opts.pop("target_options", None) or {})  # e.g. {"neighbours_per_target": 6}
             if opts.pop("targets", False):  # the names alone
                 forget, retain = None, None
-                opts.update(targets=sc.targets, target_options={"avoid": sc.others})
+                opts.update(targets=sc.targets,
+                            target_options={**given, "avoid": [*given.get("avoid", ()), *sc.others]})
             if "neighbours" in opts.get("stats", ()):
                 opts["stats_avoid"] = sc.others
             result = unlearn(model, tok, forget, retain, seed=seed, **opts)
