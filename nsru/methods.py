@@ -26,7 +26,7 @@ from torch import nn
 
 from nsru import objectives as obj
 from nsru.data import sequence_keys
-from nsru.layer import adapter_disabled
+from nsru.layer import adapter_disabled, model_device
 
 ABLATIONS = ("safe", "suppress", "retain", "project")
 WEIGHTS = ("safe_weight", "suppress_weight", "retain_weight")
@@ -111,7 +111,7 @@ class LossContext:
             total = part if total is None else total + part
         self.counts_used = used_before
         if total is None:  # every term skipped by ``term_filter``
-            total = torch.zeros((), device=next(self.model.parameters()).device)
+            total = torch.zeros((), device=model_device(self.model))
         return {**values, "loss": total}
 
     def forward(self, batch: Mapping[str, torch.Tensor], **kwargs):

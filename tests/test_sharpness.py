@@ -79,7 +79,6 @@ def test_weights_move_by_rho_along_the_gradient_sign_and_come_back_exactly():
 _CALLS: list[tuple[str, torch.Tensor]] = []
 
 
-@register_method("sam-probe", project=True, needs_safe=True, needs_reference=True, defaults=NSRU_WEIGHTS)
 def _probe(ctx, batch):
     """NSRU's loss, recording for each term it computes the first adapted weight it ran with."""
     layer = next(iter(nsru.nsru_modules(ctx.model).values()))
@@ -102,6 +101,7 @@ def test_the_forget_side_runs_at_moved_weights_and_the_retain_term_at_the_true_o
     model, tok, forget, retain = trained_world_model()
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     _CALLS.clear()
+    register_method("sam-probe", project=True, needs_safe=True, needs_reference=True, defaults=NSRU_WEIGHTS)(_probe)
     try:
         result = nsru.unlearn(model, tok, forget=forget, retain=retain, method="sam-probe", steps=2, batch_size=4,
                               progress=False, seed=0, sam_rho=0.5)
